@@ -1,0 +1,66 @@
+"""Pipelines and export. Import as ``stepdistill.pipelines``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stepdistill.errors import UserError
+
+from .class_conditional import ClassConditionalPipeline, numpy_to_uint8
+
+ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
+# Aliases for pipelines shipped inside the package.
+ALIASES = {"digits16": "digits16_teacher"}
+OUR_PIPELINES = {"ClassConditionalPipeline": ClassConditionalPipeline}
+
+__all__ = ["ClassConditionalPipeline", "load_pipeline", "resolve_pipeline_path", "numpy_to_uint8"]
+
+
+def _assets_dir() -> Path:
+    # Installed wheel: assets live inside the stepdistill package; editable: beside this source tree.
+    import stepdistill
+
+    return Path(stepdistill.__file__).resolve().parent / "assets"
+
+
+def resolve_pipeline_path(name: str) -> str:
+    """A shipped alias ("digits16") -> its folder; a local folder as is; anything else is treated as a hub id."""
+    if name in ALIASES:
+        path = _assets_dir() / ALIASES[name]
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"the shipped pipeline '{name}' is missing from {path}; reinstall stepdistill")
+        return str(path)
+    p = Path(name)
+    if p.exists():
+        if not p.is_dir() or not (p / "model_index.json").is_file():
+            raise UserError(f"'{name}' is not a diffusers pipeline folder (no model_index.json)")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"pipeline folder '{name}' does not exist (pass a pipeline folder, 'digits16' or a hub id)")
+    return name
+
+
+def load_pipeline(name: str, device=None, dtype=None):
+    """Load a pipeline by alias, local folder or hub id; our own pipeline classes are picked by model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_pipeline_path(name)
+    cls = DiffusionPipeline
+    index = Path(path) / "model_index.json"
+    if index.is_file():
+        try:
+            cls_name = json.loads(index.read_text()).get("_class_name")
+        except json.JSONDecodeError:
+            raise UserError(f"'{index}' is not valid JSON") from None
+        cls = OUR_PIPELINES.get(cls_name, DiffusionPipeline)
+    try:
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        pipe = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load pipeline '{name}': {msg}") from None
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,5 @@
+import sys
+
+from stepdistill.cli import main
+
+sys.exit(main())

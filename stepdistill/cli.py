@@ -1,0 +1,196 @@
+"""The ``stepdistill`` command: train / sample / eval / bench.
+
+User mistakes (bad config, missing folder, existing output, ...) are reported as one line on stderr with exit
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+METRICS = ("fid", "kid", "fd_digits", "accuracy", "clip")
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _parse_metrics(text: str) -> list[str]:
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise UserError(f"unknown metric(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(METRICS)}")
+    return metrics
+
+
+# --- train ------------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from stepdistill.config import load_config
+    from stepdistill.trainers import get_method
+
+    get_method(args.method)  # unknown method: one-line error before reading anything else
+    if args.config is None:
+        raise UserError(f"train {args.method} needs --config FILE (see configs/)")
+    cfg = load_config(args.config, args.overrides, method=args.method)
+    from stepdistill.trainers.loop import train
+
+    run_dir = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
+    print(f"run folder: {run_dir}\npipeline:   {Path(run_dir) / 'pipeline'}")
+    return 0
+
+
+# --- sample -----------------------------------------------------------------------------------------------------
+def cmd_sample(args: argparse.Namespace) -> int:
+    from stepdistill.eval.generation import generate, read_prompts, save_samples, swap_scheduler
+    from stepdistill.pipelines import load_pipeline
+    from stepdistill.utils import prepare_out_dir, save_grid
+
+    prompts = read_prompts(args.prompts)
+    pipe = swap_scheduler(load_pipeline(args.pipeline, device=_device(args.device)), args.scheduler)
+    out = prepare_out_dir(args.out, args.overwrite)
+    res = generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, prompts=prompts)
+    save_samples(out / "samples.npz", res, pipeline=args.pipeline, steps=args.steps, guidance=args.guidance,
+                 seed=args.seed, scheduler=type(pipe.scheduler).__name__)
+    save_grid(res["images"][:100], out / "grid.png", nrow=10)
+    print(f"{args.num_samples} samples in {res['seconds']:.1f}s ({args.num_samples / res['seconds']:.1f}/s) -> "
+          f"{out / 'samples.npz'}, {out / 'grid.png'}")
+    return 0
+
+
+# --- eval -------------------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stepdistill.eval.generation import generate, load_samples, read_prompts, save_samples, swap_scheduler
+    from stepdistill.utils import prepare_out_dir, save_grid
+
+    metrics = _parse_metrics(args.metrics)
+    device = _device(args.device)
+    source = args.source
+    row: dict = {"source": source}
+    if source.endswith(".npz"):
+        if not Path(source).is_file():
+            raise UserError(f"samples file '{source}' does not exist")
+        samples = load_samples(source)
+        out = prepare_out_dir(args.out, args.overwrite)
+    else:
+        from stepdistill.pipelines import load_pipeline
+
+        if args.steps is None:
+            raise UserError("evaluating a pipeline needs --steps N (sampler steps)")
+        prompts = read_prompts(args.prompts)
+        pipe = swap_scheduler(load_pipeline(source, device=device), args.scheduler)
+        out = prepare_out_dir(args.out, args.overwrite)
+        samples = generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
+                           prompts=prompts)
+        save_samples(out / "samples.npz", samples, pipeline=source, steps=args.steps, guidance=args.guidance,
+                     seed=args.seed)
+        row.update(steps=args.steps, guidance=args.guidance,
+                   samples_per_s=round(len(samples["images"]) / samples["seconds"], 2))
+    save_grid(samples["images"][:100], out / "grid.png", nrow=10)
+    from stepdistill.eval.harness import evaluate, format_table
+
+    result = evaluate(samples["images"], samples["labels"], samples["prompts"], ref=args.ref, metrics=metrics,
+                      device=device, clip_model=args.clip_model)
+    row.update(result)
+    (out / "metrics.json").write_text(json.dumps(row, indent=2, default=str))
+    print(format_table([row]))
+    print(f"-> {out / 'metrics.json'}")
+    return 0
+
+
+# --- bench ------------------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stepdistill.eval.bench import run_teacher_baseline
+
+    if args.which != "teacher":
+        raise UserError(f"unknown benchmark '{args.which}' (available: teacher)")
+    run_teacher_baseline(args.out, num_samples=args.num_samples, overwrite=args.overwrite,
+                         device=_device(args.device), pipeline=args.pipeline)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stepdistill", description="Diffusion step distillation toolkit.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a method from a YAML config",
+                       description="Train METHOD; the run folder gets config.yaml, checkpoints/, logs.jsonl, "
+                                   "tensorboard/, samples/ and the final pipeline/.")
+    t.add_argument("method", help="training method (teacher, ...)")
+    t.add_argument("--config", help="YAML config (see configs/)")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.add_argument("--no-resume", action="store_true", help="do not resume from the run folder's checkpoints")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    t.set_defaults(func=cmd_train)
+
+    def add_gen(q: argparse.ArgumentParser, steps_required: bool) -> None:
+        q.add_argument("--steps", type=int, required=steps_required, help="sampler steps")
+        q.add_argument("--num-samples", type=int, default=1000, help="number of samples (default 1000)")
+        q.add_argument("--guidance", type=float, default=1.0, help="CFG scale, uncond + w (cond - uncond); 1 = off")
+        q.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+        q.add_argument("--batch-size", type=int, default=100)
+        q.add_argument("--scheduler", help="swap in another diffusers scheduler class, e.g. EulerDiscreteScheduler")
+        q.add_argument("--prompts", help="prompt file (text-to-image pipelines)")
+        q.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    s = sub.add_parser("sample", help="sample from a pipeline",
+                       description="Write OUT/samples.npz (images uint8 NHWC, labels or prompts) and OUT/grid.png.")
+    s.add_argument("pipeline", help="pipeline folder, hub id or 'digits16' (the shipped teacher)")
+    add_gen(s, True)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="FID / KID / FD-digits / accuracy / CLIP score",
+                       description="Evaluate a pipeline (sampled here) or a samples.npz; writes OUT/metrics.json.")
+    e.add_argument("source", help="pipeline folder, 'digits16', or a samples .npz")
+    e.add_argument("--ref", default="digits16", help="digits16, a stats .npz (mu, sigma) or an image folder")
+    e.add_argument("--metrics", default="fid,kid,fd_digits,accuracy", help=f"comma list of {', '.join(METRICS)}")
+    e.add_argument("--clip-model", help="local CLIP model folder for the clip metric")
+    add_gen(e, False)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (the digits16 teacher baseline table)",
+                       description="teacher: sample the shipped digits16 teacher at 50 steps + CFG and at 1/2/4/8 "
+                                   "steps, evaluate each at equal N and print the baseline table.")
+    b.add_argument("which", help="benchmark name: teacher")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--num-samples", type=int, default=500, help="samples per configuration (default 500)")
+    b.add_argument("--pipeline", default="digits16", help="teacher pipeline (default: the shipped digits16)")
+    b.add_argument("--device", help="torch device")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may stand anywhere after the subcommand (argparse would bind them before the options).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"stepdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stepdistill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Typed dataclass configs loaded from YAML with dotted ``key=value`` overrides.
+
+Every run is described by one :class:`RunConfig`. The method-specific part (``method_args``) is a dataclass that
+each method registers next to its implementation, so an unknown key or a wrong type is caught before any work is
+done and reported as a one-line :class:`~stepdistill.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    # "digits16", a folder of images (optionally with captions), a prompt file (.txt), or a local HF datasets folder.
+    source: str = "digits16"
+    # Side length images are resized / center-cropped to (ignored by digits16, which is always 16).
+    resolution: int = 16
+    # Center crop (True) or random crop (False) after resizing the short side.
+    center_crop: bool = True
+    # Random horizontal flip (never for digits).
+    random_flip: bool = False
+    # Column names for an HF datasets folder.
+    image_column: str = "image"
+    caption_column: str = "text"
+    # Per-process batch size of one micro-batch.
+    batch_size: int = 64
+    # DataLoader worker processes (0 = load in the main process).
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    # Peak learning rate.
+    lr: float = 1e-4
+    # AdamW betas and weight decay.
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    # LR schedule name understood by diffusers.optimization.get_scheduler ("constant", "cosine", "linear", ...).
+    lr_schedule: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    # Clip the gradient norm of this phase's parameters (0 = no clipping).
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    # Number of loop steps. A phase with update interval k updates on steps where step % k == 0.
+    max_steps: int = 1000
+    # Micro-batches accumulated per optimizer update (for every phase).
+    grad_accum: int = 1
+    # "no", "fp16" or "bf16" (accelerate mixed precision).
+    mixed_precision: str = "no"
+    # EMA decay of the student (0 = no EMA). The EMA weights are what gets exported when enabled.
+    ema_decay: float = 0.0
+    # Steps over which the EMA decay warms up from 0 to ema_decay (diffusers EMAModel warm-up), 0 = none.
+    ema_warmup: bool = False
+    # Save a checkpoint every this many steps (0 = only at the end) and keep this many.
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    # Log scalars every this many steps; write a sample grid every this many steps (0 = only at the end).
+    log_every: int = 10
+    sample_every: int = 0
+    # "tensorboard" or "none".
+    tracker: str = "tensorboard"
+
+
+@dataclass
+class RunConfig:
+    # Training method: a key of stepdistill.trainers.METHODS.
+    method: str = "teacher"
+    # Base seed; every rank and step derives its own stream from it.
+    seed: int = 0
+    # Teacher pipeline: "digits16" (shipped), a local folder or a hub id. Unused by the "teacher" method.
+    teacher: str = "digits16"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # One optimizer per phase, keyed by the phase names the method declares.
+    optim: dict[str, OptimConfig] = field(default_factory=dict)
+    # Method-specific arguments; replaced by the method's own dataclass when the config is resolved.
+    method_args: Any = field(default_factory=dict)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it where that is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        et = args[0] if args else Any
+        out = [_coerce(v, et, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (valid keys here: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain-YAML-able dict of a (possibly nested) dataclass config."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict in place and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{key}': '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "parse error"
+        raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of config keys")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None) -> RunConfig:
+    """Load a :class:`RunConfig` from YAML + overrides, with ``method_args`` typed by the method's own dataclass."""
+    from stepdistill.trainers import get_method  # local: trainers import config
+
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    if method is not None:
+        if data.get("method", method) != method:
+            raise ConfigError(f"config is for method '{data['method']}' but the command asked for '{method}'")
+        data["method"] = method
+    method_args = data.pop("method_args", {}) or {}
+    cfg = from_dict(RunConfig, data)
+    method_cls = get_method(cfg.method)
+    cfg.method_args = from_dict(method_cls.Config, method_args, prefix="method_args")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

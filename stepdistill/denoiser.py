@@ -1,0 +1,155 @@
+"""The Denoiser: any diffusers network + its noise schedule -> predictions in whatever parameterisation a method
+needs (x0, eps, v or flow velocity), with classifier-free guidance applied in one place.
+
+The prediction type and schedule are read from the teacher's scheduler config, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import schedules as S
+from .conditioning import Cond
+from .errors import UserError
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def call_network(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """Run a diffusers network with the keyword arguments its class expects; returns the raw output tensor."""
+    name = type(model).__name__
+    if hasattr(model, "module") and not hasattr(model, "config"):  # DDP / compiled wrappers
+        name = type(model.module).__name__
+    if name == "UNet2DModel":
+        out = model(x, t, class_labels=cond.class_labels)
+    elif name in ("UNet2DConditionModel", "UNetMotionModel"):
+        out = model(x, t, encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels,
+                    timestep_cond=cond.timestep_cond, added_cond_kwargs=cond.added_cond_kwargs)
+    else:  # transformer-type (DiT, SD3, Flux, PixArt): keyword names follow diffusers' transformer signature
+        kwargs = {"hidden_states": x, "timestep": t}
+        if cond.encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
+        if cond.pooled_projections is not None:
+            kwargs["pooled_projections"] = cond.pooled_projections
+        if cond.class_labels is not None:
+            kwargs["class_labels"] = cond.class_labels
+        if cond.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
+        out = model(**kwargs)
+    out = out.sample if hasattr(out, "sample") else out[0]
+    if out.shape[1] == 2 * x.shape[1]:  # learned-variance heads (DiT "learned_range"): keep the mean part
+        out = out[:, : x.shape[1]]
+    return out
+
+
+class Denoiser(nn.Module):
+    """Wraps a diffusers network and its noise schedule.
+
+    Args:
+        model: a diffusers model (``UNet2DModel``, ``UNet2DConditionModel`` or a transformer).
+        scheduler: the teacher's scheduler (``pipe.scheduler``) or its config dict (with ``_class_name`` as saved
+            in ``scheduler_config.json``); gives the schedule and the network's prediction type. Flow-matching
+            schedulers give ``flow_prediction``.
+        prediction_type: override what the network predicts (rarely needed).
+
+    ``t`` is always the network's own timestep input: integers in [0, T) for DDPM-family schedules, ``sigma * T``
+    for flow matching.
+    """
+
+    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None):
+        super().__init__()
+        self.model = model
+        if hasattr(scheduler, "config"):  # a scheduler object: its in-memory config has no _class_name
+            config, cls_name = dict(scheduler.config), type(scheduler).__name__
+        else:
+            config = dict(scheduler)
+            cls_name = config.get("_class_name", "")
+        self.is_flow = cls_name in FLOW_SCHEDULERS
+        self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+        if self.is_flow:
+            self.prediction_type = prediction_type or "flow_prediction"
+        else:
+            if "beta_schedule" not in config and "trained_betas" not in config:
+                raise UserError(f"scheduler config ({cls_name or 'no _class_name'}) has no noise schedule "
+                                "(beta_schedule); pass a pipeline whose scheduler is DDPM/DDIM/Euler/LCM-type "
+                                "or FlowMatchEulerDiscreteScheduler")
+            self.prediction_type = prediction_type or config.get("prediction_type", "epsilon")
+            self.register_buffer("alphas_cumprod", S.alphas_cumprod_from_config(config), persistent=False)
+        if self.prediction_type not in S.PREDICTION_TYPES:
+            raise UserError(f"unsupported prediction_type '{self.prediction_type}' in the scheduler config "
+                            f"(supported: {', '.join(S.PREDICTION_TYPES)})")
+        self.scheduler_config = config
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t at model timesteps t, shaped to broadcast against ``like`` if given."""
+        if self.is_flow:
+            a, s = S.flow_alpha_sigma(t.detach().cpu(), self.num_train_timesteps)
+        else:
+            a, s = S.ddpm_alpha_sigma(self.alphas_cumprod, t.to(self.alphas_cumprod.device))
+        if like is not None:
+            a, s = S.expand_like(a, like), S.expand_like(s, like)
+        return a, s
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward process x_t = alpha_t x0 + sigma_t eps."""
+        a, s = self.alpha_sigma(t, like=x0)
+        return a * x0 + s * eps
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale=None,
+            uncond: Cond | None = None) -> torch.Tensor:
+        """The network output in its own parameterisation, with CFG when ``guidance_scale`` is given.
+
+        CFG on the raw output equals CFG on any other parameterisation: the conversions are affine in the
+        prediction with coefficients that depend only on (x_t, t).
+        """
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if guidance_scale is None:
+            return call_network(self.model, x_t, t, cond)
+        if uncond is None:
+            raise ValueError("guidance_scale given without an unconditional Cond")
+        both = call_network(self.model, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(uncond, cond))
+        out_u, out_c = both.chunk(2)
+        return S.cfg_combine(out_u, out_c, guidance_scale)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, target: str = "x0", guidance_scale=None,
+                uncond: Cond | None = None) -> torch.Tensor:
+        """Prediction at (x_t, t) expressed as ``target`` ("x0", "eps", "v" or "flow")."""
+        return self.convert(self.raw(x_t, t, cond, guidance_scale, uncond), x_t, t, target)
+
+    def convert(self, raw: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, target: str) -> torch.Tensor:
+        """Convert a raw network output at (x_t, t) to ``target``."""
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        a, s = self.alpha_sigma(t, like=x_t)
+        x0, eps = S.to_x0_eps(raw, x_t, a, s, self.prediction_type)
+        return S.from_x0_eps(x0, eps, a, s, target)
+
+    def x0_eps(self, x_t, t, cond, guidance_scale=None, uncond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) predicted at (x_t, t)."""
+        raw = self.raw(x_t, t, cond, guidance_scale, uncond)
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        a, s = self.alpha_sigma(t, like=x_t)
+        return S.to_x0_eps(raw, x_t, a, s, self.prediction_type)
+
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output for a clean x0 noised with eps at t (its own prediction type)."""
+        a, s = self.alpha_sigma(t, like=x0)
+        target = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+        return S.from_x0_eps(x0, eps, a, s, target[self.prediction_type])
+
+    def solver_step(self, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: Cond,
+                    guidance_scale=None, uncond: Cond | None = None) -> torch.Tensor:
+        """One deterministic ODE step from t to t_next (DDIM for DDPM schedules, Euler for flow; t_next < 0 or
+        0 for flow means the clean end)."""
+        x0, eps = self.x0_eps(x_t, t, cond, guidance_scale, uncond)
+        t_next = torch.as_tensor(t_next, device=x_t.device)
+        if t_next.ndim == 0:
+            t_next = t_next.expand(x_t.shape[0])
+        a_n, s_n = self.alpha_sigma(t_next, like=x_t)
+        return S.ddim_step(x0, eps, a_n, s_n)

@@ -1,0 +1,51 @@
+"""Small shared helpers: image grids, output folders, seeds."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, upscale: int = 1) -> np.ndarray:
+    """uint8 NHWC images -> one uint8 HWC grid image (grayscale is replicated to RGB)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if upscale > 1:
+        images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    n, h, w, c = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None) -> None:
+    """Save uint8 NHWC images as a PNG grid (small images are upscaled so they can be seen)."""
+    from PIL import Image
+
+    upscale = max(1, 64 // images.shape[1])
+    Image.fromarray(make_grid(images, nrow=nrow, upscale=upscale)).save(path)
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
+    """An empty output folder: an existing non-empty one is an error unless ``overwrite`` (then it is emptied)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"output path '{p}' exists and is not a folder")
+    if p.is_dir() and any(p.iterdir()):
+        if not overwrite:
+            raise UserError(f"output folder '{p}' already exists and is not empty; pass --overwrite to replace it "
+                            "or choose another --out")
+        shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,124 @@
+"""The class-conditional pipeline round trip, sampling independent of batch size, and CLI one-line errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from stepdistill.cli import main
+from stepdistill.eval.generation import generate, load_samples, save_samples
+from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
+
+
+def tiny_pipeline():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=4)
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False,
+                          timestep_spacing="trailing")
+    pipe = ClassConditionalPipeline(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipe") / "p"
+    tiny_pipeline().save_pretrained(str(path))
+    return path
+
+
+def test_round_trip_gives_identical_samples(saved_pipeline):
+    pipe = tiny_pipeline()
+    loaded = load_pipeline(str(saved_pipeline))
+    assert isinstance(loaded, ClassConditionalPipeline)
+    assert loaded.num_classes == 3 and loaded.null_class == 3
+    g = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    a = pipe([0, 1, 2], num_inference_steps=3, guidance_scale=2.0, generator=g(), output_type="np").images
+    b = loaded([0, 1, 2], num_inference_steps=3, guidance_scale=2.0, generator=g(), output_type="np").images
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (3, 8, 8, 1) and 0 <= a.min() and a.max() <= 1
+
+
+def test_guidance_and_labels_change_the_output(saved_pipeline):
+    pipe = load_pipeline(str(saved_pipeline))
+    g = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    base = pipe([1], num_inference_steps=2, generator=g(), output_type="pt").images
+    assert not torch.equal(base, pipe([2], num_inference_steps=2, generator=g(), output_type="pt").images)
+    assert not torch.equal(base, pipe([1], num_inference_steps=2, guidance_scale=4.0, generator=g(),
+                                      output_type="pt").images)
+    with pytest.raises(ValueError, match="class labels must be in"):
+        pipe([3], num_inference_steps=1)
+
+
+def test_other_scheduler_runs(saved_pipeline):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = load_pipeline(str(saved_pipeline))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    out = pipe([0, 1], num_inference_steps=4, output_type="np").images
+    assert np.isfinite(out).all()
+
+
+def test_generate_does_not_depend_on_batch_size(saved_pipeline, tmp_path):
+    pipe = load_pipeline(str(saved_pipeline))
+    a = generate(pipe, 5, steps=2, guidance=2.0, seed=3, batch_size=2, progress=False)
+    b = generate(pipe, 5, steps=2, guidance=2.0, seed=3, batch_size=5, progress=False)
+    np.testing.assert_array_equal(a["images"], b["images"])
+    assert a["images"].dtype == np.uint8 and a["images"].shape == (5, 8, 8, 1)
+    assert a["labels"].tolist() == [0, 1, 2, 0, 1]
+    save_samples(tmp_path / "s.npz", a, steps=2)
+    back = load_samples(tmp_path / "s.npz")
+    np.testing.assert_array_equal(back["images"], a["images"])
+    assert back["labels"].tolist() == [0, 1, 2, 0, 1]
+
+
+def test_cli_sample_writes_npz_and_grid(saved_pipeline, tmp_path):
+    out = tmp_path / "s"
+    assert main(["sample", str(saved_pipeline), "--steps", "2", "--num-samples", "6", "--guidance", "2",
+                 "--out", str(out)]) == 0
+    z = load_samples(out / "samples.npz")
+    assert z["images"].shape == (6, 8, 8, 1) and (out / "grid.png").is_file()
+    # an existing output folder is never overwritten without --overwrite
+    before = (out / "samples.npz").read_bytes()
+    assert main(["sample", str(saved_pipeline), "--steps", "1", "--num-samples", "2", "--out", str(out)]) == 2
+    assert (out / "samples.npz").read_bytes() == before
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "stepdistill", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["sample", "/nonexistent/pipe", "--steps", "1", "--out", "{tmp}/o"], "does not exist"),
+    (["train", "nosuchmethod", "--config", "x.yaml", "--out", "{tmp}/o"], "unknown method 'nosuchmethod'"),
+    (["train", "teacher", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/o"], "config file"),
+    (["eval", "{tmp}/missing.npz", "--out", "{tmp}/o"], "does not exist"),
+    (["eval", "digits16", "--metrics", "fid,bogus", "--out", "{tmp}/o"], "unknown metric"),
+])
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, match):
+    res = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_errors(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: teacher\ntrain:\n  max_steps: 2\n")
+    for override, match in (["train.bogus=1", "unknown config key 'train.bogus'"],
+                            ["train.max_steps=lots", "'train.max_steps' expects an integer"]):
+        res = run_cli("train", "teacher", "--config", str(cfg), "--out", str(tmp_path / "o"), override)
+        assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help():
+    for sub in ("train", "sample", "eval", "bench"):
+        res = run_cli(sub, "--help")
+        assert res.returncode == 0 and "usage" in res.stdout

@@ -1,0 +1,72 @@
+"""The Method contract every distillation method implements; the loop (loop.py) is the only thing that trains.
+
+A method owns its networks (frozen teacher, student, critics), its timestep sampling and its losses. It declares
+phases, each with the parameters it updates and its update interval; ``loss(phase, batch, step)`` returns a scalar
+loss and detached logs. It never calls an optimizer, the accelerator, a logger or a progress bar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Phase:
+    """One optimizer's worth of training.
+
+    Args:
+        name: key of the phase's optimizer config in ``RunConfig.optim``.
+        params: the parameters this phase updates (nothing else gets gradients from its loss).
+        every: update interval; the phase runs on loop steps where ``step % every == 0``.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    every: int = 1
+
+
+class Method(nn.Module):
+    """Base class of a training method. Subclasses set ``name`` and ``Config`` (a dataclass of method_args).
+
+    The loop calls the method through ``forward(phase, batch, step)`` so that data-parallel wrappers see every
+    network call; ``forward`` just dispatches to :meth:`loss`.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    # Whether the method trains on a data source (False for data-free methods fed by a prompt file or labels only).
+    needs_data: ClassVar[bool] = True
+
+    def __init__(self, run_config: Any):
+        super().__init__()
+        self.run_config = run_config
+        self.cfg = run_config.method_args
+
+    # --- what the loop asks of a method -------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def forward(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss(phase, batch, step)
+
+    def ema_network(self) -> nn.Module | None:
+        """The network whose EMA is kept (and exported) when ``train.ema_decay > 0``; None for no EMA."""
+        return None
+
+    @torch.no_grad()
+    def sample_grid(self, num: int, seed: int) -> np.ndarray:
+        """``num`` samples as uint8 NHWC for the periodic sample grid."""
+        raise NotImplementedError
+
+    def export(self, out_dir: Path) -> None:
+        """Write the trained student as a loadable pipeline folder."""
+        raise NotImplementedError

@@ -1,0 +1,176 @@
+"""Atomic, resumable checkpoints of the training loop.
+
+A checkpoint is a folder ``checkpoints/step-N`` (N = completed loop steps) holding what
+``accelerator.save_state`` writes (models, optimizers, LR schedulers, grad scaler, RNG states, registered objects
+such as the EMA), a ``loop_state.json`` and, written last, a ``COMPLETE`` marker. It is written as
+``checkpoints/.tmp-step-N`` and renamed into place only once complete, so a process killed at any moment leaves
+either the previous checkpoints untouched or a ``.tmp-*`` folder that the next resume deletes. ``checkpoints/latest``
+(a one-line text file, replaced atomically) names the newest checkpoint for people and tools; resume itself scans
+for the highest complete ``step-N`` so that a crash between the rename and the pointer update loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+COMPLETE_MARKER = "COMPLETE"
+LOOP_STATE = "loop_state.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+# Test-only hook: "SECONDS" or "SECONDS@STEP" makes the main process sleep inside the checkpoint write (after the
+# state files, before the COMPLETE marker and the rename), so tests can kill a run mid-save deterministically.
+TEST_SLEEP_ENV = "STEPDISTILL_TEST_SLEEP_IN_SAVE"
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint taken after ``step`` completed loop steps."""
+    return f"step-{step}"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or a new file); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` so a rename after it never exposes half-written data."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file + ``os.replace`` so readers see the old or the new content."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder whose write finished (it holds the COMPLETE marker)."""
+    return (path / COMPLETE_MARKER).is_file() and (path / LOOP_STATE).is_file()
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``ckpt_dir`` as ``(step, path)``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ``ckpt_dir``, or None."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def remove_partial(ckpt_dir: Path) -> list[Path]:
+    """Delete stray ``.tmp-*`` entries and ``step-N`` folders without the COMPLETE marker; return what was removed.
+
+    Incomplete ``step-N`` folders cannot come from this module (the marker is written before the rename) but they
+    would block the rename of a later save of the same step, so they go too.
+    """
+    removed: list[Path] = []
+    if not ckpt_dir.is_dir():
+        return removed
+    for p in ckpt_dir.iterdir():
+        stray = p.name.startswith(TMP_PREFIX) or (_STEP_DIR.match(p.name) and not is_complete(p))
+        if stray:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
+    return removed
+
+
+def read_loop_state(path: Path) -> dict[str, Any]:
+    """The ``loop_state.json`` of checkpoint folder ``path``."""
+    return json.loads((path / LOOP_STATE).read_text())
+
+
+def _test_sleep(step: int) -> None:
+    spec = os.environ.get(TEST_SLEEP_ENV, "").strip()
+    if not spec:
+        return
+    seconds, _, at = spec.partition("@")
+    if not at or int(at) == step:
+        time.sleep(float(seconds))
+
+
+def _delete(path: Path) -> None:
+    # Rename first so that a crash halfway through rmtree leaves a ".tmp-*" folder (cleaned at resume) rather than a
+    # half-deleted folder that still carries its COMPLETE marker.
+    doomed = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dict[str, Any], keep: int) -> Path:
+    """Atomically write checkpoint ``step-{step}`` under ``ckpt_dir``; call on every process.
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator`` (models, optimizers, schedulers and registered objects
+            are saved through ``save_state``; every process writes its own RNG state file).
+        ckpt_dir: the run's ``checkpoints`` folder.
+        step: completed loop steps.
+        loop_state: JSON-able loop bookkeeping (step, data position, ...).
+        keep: number of complete checkpoints to keep (at least 1).
+
+    Returns:
+        The final checkpoint folder.
+    """
+    name = checkpoint_name(step)
+    tmp, final = ckpt_dir / f"{TMP_PREFIX}{name}", ckpt_dir / name
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
+        fsync_tree(tmp)
+        _test_sleep(step)
+        with open(tmp / COMPLETE_MARKER, "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # e.g. the final save of a resumed run that had already finished
+            _delete(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_dir)
+        write_text_atomic(ckpt_dir / LATEST, name + "\n")
+        for _, old in list_checkpoints(ckpt_dir)[: -max(1, keep)]:
+            _delete(old)
+    accelerator.wait_for_everyone()
+    return final

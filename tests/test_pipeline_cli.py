@@ -122,3 +122,23 @@ def test_cli_help():
     for sub in ("train", "sample", "eval", "bench"):
         res = run_cli(sub, "--help")
         assert res.returncode == 0 and "usage" in res.stdout
+
+
+def test_cli_eval_on_samples_file(tmp_path):
+    """eval on a samples.npz: real digits score high accuracy and a small domain FD; shuffled labels do not."""
+    import json
+
+    from stepdistill.data import load_digits16, to_uint8
+
+    x, y = load_digits16()
+    res = {"images": to_uint8(x[:300]), "labels": y[:300].numpy()}
+    save_samples(tmp_path / "real.npz", res)
+    assert main(["eval", str(tmp_path / "real.npz"), "--metrics", "fd_digits,accuracy", "--out",
+                 str(tmp_path / "e1")]) == 0
+    m = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert m["num_samples"] == 300 and m["accuracy"] > 0.95 and m["fd_digits"] < 10
+    assert "preprocessing" in m and (tmp_path / "e1" / "grid.png").is_file()
+    res["labels"] = np.roll(res["labels"], 1)
+    save_samples(tmp_path / "wrong.npz", res)
+    assert main(["eval", str(tmp_path / "wrong.npz"), "--metrics", "accuracy", "--out", str(tmp_path / "e2")]) == 0
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["accuracy"] < 0.2

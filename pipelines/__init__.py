@@ -57,7 +57,7 @@ def load_pipeline(name: str, device=None, dtype=None):
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         pipe = cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load pipeline '{name}': {msg}") from None
     if device is not None:

@@ -35,6 +35,19 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def num_classes(self) -> int:
         return self.null_class
 
+    def load_lora_weights(self, path: str, fuse: bool = True) -> None:
+        r"""Load a stepdistill LoRA export (``pytorch_lora_weights.safetensors`` or its folder) into the UNet.
+
+        Every key and shape is checked against this UNet first; a LoRA of another network is a ``UserError``.
+
+        Args:
+            path: the export folder or the file.
+            fuse: merge the adapters into the weights (the UNet stays a plain ``UNet2DModel``).
+        """
+        from .lora import load_lora
+
+        load_lora(self, path, fuse=fuse)
+
     @torch.no_grad()
     def __call__(
         self,

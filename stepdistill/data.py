@@ -68,7 +68,7 @@ def _read_captions(folder: Path) -> dict[str, str]:
     meta_jsonl, meta_csv = folder / "metadata.jsonl", folder / "metadata.csv"
     try:
         if meta_jsonl.is_file():
-            for n, line in enumerate(meta_jsonl.read_text().splitlines(), 1):
+            for line in meta_jsonl.read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
                     caps[row["file_name"]] = str(row.get("text", row.get("caption", "")))
@@ -80,6 +80,33 @@ def _read_captions(folder: Path) -> dict[str, str]:
         raise DataError(f"caption metadata in '{folder}' is unreadable ({type(e).__name__}: {e}); each row needs "
                         "'file_name' and 'text'") from None
     return caps
+
+
+def load_image(source, resolution: int, center_crop: bool = True, random_flip: bool = False,
+               channels: int = 3) -> torch.Tensor:
+    """An image file (path or file object) -> (C, H, W) float in [-1, 1], short side resized then cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            s = resolution / min(w, h)
+            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
+            w, h = im.size
+            if center_crop:
+                left, top = (w - resolution) // 2, (h - resolution) // 2
+            else:
+                left = int(torch.randint(0, w - resolution + 1, ()).item())
+                top = int(torch.randint(0, h - resolution + 1, ()).item())
+            arr = np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"image '{source}' is unreadable ({e})") from None
+    x = torch.from_numpy(arr / 127.5 - 1)
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    if random_flip and torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    return x
 
 
 class ImageFolder(Dataset):
@@ -97,7 +124,8 @@ class ImageFolder(Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
         if not self.files:
             raise DataError(f"image folder '{self.root}' holds no images ({', '.join(IMAGE_EXTS)})")
-        self.resolution, self.center_crop, self.random_flip, self.channels = resolution, center_crop, random_flip, channels
+        self.resolution, self.center_crop = resolution, center_crop
+        self.random_flip, self.channels = random_flip, channels
         meta = _read_captions(self.root)
         self.captions: list[str] | None = None
         if meta:
@@ -109,34 +137,9 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, path: Path) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB")
-                w, h = im.size
-                s = self.resolution / min(w, h)
-                im = im.resize((max(self.resolution, round(w * s)), max(self.resolution, round(h * s))),
-                               Image.Resampling.BICUBIC)
-                w, h = im.size
-                if self.center_crop:
-                    left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
-                else:
-                    left = int(torch.randint(0, w - self.resolution + 1, ()).item())
-                    top = int(torch.randint(0, h - self.resolution + 1, ()).item())
-                im = im.crop((left, top, left + self.resolution, top + self.resolution))
-                arr = np.asarray(im, dtype=np.float32)
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"image '{path}' is unreadable ({e})") from None
-        x = torch.from_numpy(arr / 127.5 - 1)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
-
     def __getitem__(self, i: int) -> dict:
-        item = {"image": self._load(self.files[i])}
+        item = {"image": load_image(self.files[i], self.resolution, self.center_crop, self.random_flip,
+                                    self.channels)}
         if self.captions is not None:
             item["prompt"] = self.captions[i]
         return item
@@ -170,7 +173,8 @@ class HFDatasetFolder(Dataset):
         try:
             import datasets
         except ImportError:
-            raise DataError("reading an HF datasets folder needs the 'datasets' package: pip install datasets") from None
+            raise DataError("reading an HF datasets folder needs the 'datasets' package: "
+                            "pip install datasets") from None
         try:
             ds = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError, OSError) as e:
@@ -183,9 +187,7 @@ class HFDatasetFolder(Dataset):
             raise DataError(f"HF datasets folder '{path}' has no column '{image_column}' "
                             f"(columns: {', '.join(ds.column_names)}); set data.image_column")
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
-        self._folder = ImageFolder.__new__(ImageFolder)  # reuse the resize/crop of ImageFolder
-        self._folder.resolution, self._folder.center_crop, self._folder.random_flip = resolution, center_crop, random_flip
-        self._folder.channels = 3
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -202,7 +204,7 @@ class HFDatasetFolder(Dataset):
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         buf.seek(0)
-        item = {"image": self._folder._load(buf)}
+        item = {"image": load_image(buf, self.resolution, self.center_crop, self.random_flip)}
         if self.caption_column in row:
             item["prompt"] = str(row[self.caption_column])
         return item

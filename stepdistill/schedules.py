@@ -7,8 +7,6 @@ model timestep ``t = s * T`` (diffusers' FlowMatchEulerDiscreteScheduler). Every
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -20,7 +18,8 @@ def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
     """The cumulative alpha products of a DDPM-family scheduler config, computed by diffusers itself."""
     from diffusers import DDPMScheduler
 
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "rescale_betas_zero_snr")
     cfg = {k: scheduler_config[k] for k in keys if k in scheduler_config}
     return DDPMScheduler(**cfg).alphas_cumprod.to(torch.float64)
 

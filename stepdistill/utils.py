@@ -25,7 +25,8 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, upscale
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top: top + h, left: left + w] = images[i]
     return grid
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from stepdistill.trainers.base import Method, Phase
 from torch import nn
 
 from stepdistill.data import to_uint8
+from stepdistill.trainers.base import Method, Phase
 
 Z_DIM = 16
 

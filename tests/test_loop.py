@@ -21,12 +21,12 @@ if str(HERE) not in sys.path:  # _toy_method lives beside this file; tests/ need
     sys.path.insert(0, str(HERE))
 
 from safetensors.torch import load_file  # noqa: E402
-from stepdistill.trainers import METHODS  # noqa: E402
-from stepdistill.trainers import checkpoint as ckpt  # noqa: E402
-from stepdistill.trainers.loop import ShardedInfiniteBatchSampler, main, train  # noqa: E402
 
 from stepdistill.config import OptimConfig, from_dict, load_config  # noqa: E402
 from stepdistill.errors import UserError  # noqa: E402
+from stepdistill.trainers import METHODS  # noqa: E402
+from stepdistill.trainers import checkpoint as ckpt  # noqa: E402
+from stepdistill.trainers.loop import ShardedInfiniteBatchSampler, main, train  # noqa: E402
 
 MAX_STEPS = 20
 # Two phases (student every 2 steps, critic every step), grad accumulation, EMA with warm-up, a cosine schedule with

@@ -10,6 +10,7 @@ from stepdistill.errors import UserError
 METHODS: dict[str, str] = {
     "teacher": "stepdistill.trainers.teacher:TeacherMethod",
     "dmd2": "stepdistill.trainers.dmd2:DMD2Method",
+    "consistency": "stepdistill.trainers.consistency:ConsistencyMethod",
 }
 
 

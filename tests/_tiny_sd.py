@@ -1,0 +1,37 @@
+"""A tiny SD-type text-to-image pipeline (UNet2DConditionModel + CLIP text model + tiny tokenizer + VAE), built in
+code with fixed seeds and saved to a folder, so tests load it through the same code path a hub id takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def build_tiny_sd(out: str | Path) -> str:
+    """Save a tiny random StableDiffusionPipeline (16x16 images, 8x8x4 latents, epsilon prediction) to ``out``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                       num_attention_heads=2, num_hidden_layers=2,
+                                       max_position_embeddings=tok.model_max_length,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    sched = DDIMScheduler(prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                          timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=enc, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return str(out)

@@ -1,0 +1,584 @@
+r"""Consistency distillation: LCM (Luo et al., 2023), LCM-LoRA and multiphase / trajectory-segmented CD (Hyper-SD,
+PCM).
+
+The student G learns to map every point of the teacher's probability-flow ODE trajectory to the same point: the
+clean end (LCM, one segment) or the lower boundary of the segment of [0, T] it lies in (multiphase, S segments).
+Per step (numbered as in :meth:`ConsistencyMethod.student_loss`): pick t_{n+k} on a DDIM grid, noise x0 to it, take
+one teacher DDIM step with CFG at a per-sample guidance scale w to t_n, and pull G(x_{t_{n+k}}) towards the target
+G_target(x_{t_n}) (no grad) under a pseudo-Huber or L2 distance.
+
+Variants, chosen by config:
+
+- **LCM** (``lora_rank: 0``, ``segments: [1]``): a full trainable copy of the teacher network; the target is an EMA
+  of the student (``target_ema_decay``, 0.95 as LCM) that the method owns and updates itself at the start of every
+  loop step. Its weights are *buffers* (not frozen parameters) so that the loop's checkpoints, which leave frozen
+  parameters out, store them and resume is exact; DDP is told not to broadcast them (every rank computes the same EMA).
+- **LCM-LoRA** (``lora_rank > 0``): peft LoRA adapters on the teacher network itself; the teacher is that network
+  with the adapters switched off, and the target is the student itself under no grad (no EMA, no second copy).
+- **Multiphase** (``segments: [8, 4, 2, 1]`` with ``segment_starts: [0, a, b, c]``): the consistency target is the
+  start (lower boundary) of the current segment; G maps x_t to that boundary by a DDIM step from its own x0/eps
+  prediction, and the student samples in S steps with deterministic trailing DDIM.
+
+Student parameterisation (one formula for all variants): with the student's (x0, eps) prediction at (x_t, t),
+``x0_hat = c_skip(t) x_t + c_out(t) x0`` (LCM's boundary scalings, sigma_data 0.5, timestep scaling 10, so that
+G(x, 0) = x exactly) and ``G(x_t, t; b) = alpha_b x0_hat + sigma_b eps`` for the segment boundary b (b = clean end:
+alpha 1, sigma 0, i.e. G = x0_hat, LCM itself). At t = b the DDIM step is the identity (the boundary condition).
+
+Guidance: the teacher uses the standard CFG ``uncond + w (cond - uncond)`` with w ~ U[guidance_min, guidance_max]
+per sample. LCM's paper draws w ~ U[5, 15] in its convention ``cond + w' (cond - uncond)``, i.e. w = w' + 1 ~ U[6, 16]
+here. A full ``UNet2DConditionModel`` student is conditioned on w through diffusers' guidance-scale embedding of
+``w - 1`` (the LCM convention, exactly what ``StableDiffusionPipeline`` feeds a UNet with ``time_cond_proj_dim``), so
+the exported pipeline's ``guidance_scale`` selects the distilled w. ``UNet2DModel`` (the class-conditional digits16
+network) has no ``timestep_cond`` input: a full student of it distills one fixed w (guidance_min == guidance_max; a
+range is a ConfigError). Adding a w input would need a network class of our own that stock diffusers and the
+exported ClassConditionalPipeline cannot load, for a toy whose teacher is used at one w anyway. LoRA students are
+never w-conditioned (as LCM-LoRA): a range trains them on an average of the guided trajectories.
+
+Data: consistency distillation needs x0 samples (images, VAE-encoded for latent teachers). A prompt file has none and
+is a ConfigError; generating x0 with the teacher (50 guided steps per sample) would cost more than the distillation.
+
+Healthy runs. Observed only on small runs: a tiny *random-weight* class-conditional teacher (8/16 channels),
+batch 32, 300 steps, the digits16 configs' learning rates (the trained digits16 teacher was not available yet), so
+read the shapes, not the values:
+
+- LCM (full, huber): falls fast at first (0.020 at step 10 -> 0.014 at step 100), then slowly and noisily
+  (0.012 +- 0.0005 from step 190 on). The noise comes from the random t_{n+k}: the large-t points carry most of the
+  loss. A loss that keeps falling towards 0 while the sample grids go blank is collapse, not progress.
+- LCM-LoRA: the same shape, slower and higher (0.021 -> 0.018 at step 100 -> 0.016 at 300): fewer parameters, and
+  the target moves with the student itself.
+- Multiphase (4 -> 2 -> 1 segments at steps 0/100/200): within a phase the LCM shape (4 segments: 0.0074 -> 0.0054);
+  each drop of the segment count makes the loss jump up (-> 0.0089 with 2 segments, -> 0.012 with 1), because the
+  jumps to the boundary get longer; the logged ``segments`` value marks the phases. A jump that does not settle
+  within the phase means the phase is too short.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stepdistill import schedules as S
+from stepdistill.conditioning import ClassConditioning, Cond, TextConditioning, sample_guidance_scale
+from stepdistill.data import to_uint8
+from stepdistill.denoiser import Denoiser
+from stepdistill.errors import ConfigError, UserError
+
+from .base import Method, Phase
+
+# Modules LCM-LoRA adapts (those present in the network are used): attention projections and feed-forwards of
+# transformer blocks, resnet convolutions and time projections, up/down-samplers.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+IMAGES_MSG = ("consistency distillation needs x0 samples (images): set data.source to an image folder (with captions "
+              "for a text teacher), a local HF datasets folder or digits16; a prompt file has no images")
+
+
+@dataclass
+class ConsistencyConfig:
+    # Points of the teacher's DDIM solver grid over the T training timesteps (LCM: 50 -> skip k = T / 50 = 20).
+    num_ddim_timesteps: int = 50
+    # Teacher CFG scale w ~ U[guidance_min, guidance_max] per sample, standard convention uncond + w (cond - uncond)
+    # (LCM's U[5, 15] in its own convention is U[6, 16] here). min == max distills one fixed w; 1 = no CFG.
+    guidance_min: float = 2.0
+    guidance_max: float = 2.0
+    # Dimension of the guidance-scale embedding of full UNet2DConditionModel students (LCM: 256; fed to the UNet's
+    # timestep_cond). 0 = no embedding (then guidance_min must equal guidance_max). Unused by LoRA and UNet2DModel.
+    w_embedding_dim: int = 256
+    # Distance d(student, target): "huber" (LCM's elementwise pseudo-Huber sqrt((a-b)^2 + c^2) - c, mean) or "l2".
+    loss: str = "huber"
+    huber_c: float = 0.001
+    # EMA decay of the target network of full students (LCM: 0.95). LoRA students use themselves as the target.
+    target_ema_decay: float = 0.95
+    # LCM boundary scalings c_skip(t), c_out(t) (LCM: sigma_data 0.5, timestep scaling 10).
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    # LoRA student (LCM-LoRA) of this rank on the teacher network; 0 = a full trainable student.
+    lora_rank: int = 0
+    # LoRA alpha (scale alpha / rank); 0 = the rank (scale 1). LCM-LoRA: rank 64, alpha 64.
+    lora_alpha: float = 0.0
+    # Trajectory segments (multiphase CD): a list of segment counts S, each a divisor of T, [1] = plain LCM; with
+    # several, segment_starts gives the loop step at which each count takes over (progressive, e.g. 8 -> 4 -> 2 -> 1).
+    segments: list[int] = field(default_factory=lambda: [1])
+    segment_starts: list[int] = field(default_factory=lambda: [0])
+    # Prompts of the periodic sample grids for text teachers (cycled).
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car", "a bowl of fruit",
+                                                               "a mountain landscape"])
+    # Steps of the sample grids for one-segment (LCM) students (multiphase students sample in S steps).
+    sample_steps: int = 4
+
+
+# --- pure helpers ------------------------------------------------------------------------------------------------
+def ddim_grid(num_ddim_timesteps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Ascending DDIM solver grid t_i = (i + 1) k - 1 with skip k = T // N (LCM's grid, also LCMScheduler's)."""
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
+
+
+def segment_edges(num_segments: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Descending segment edges [T-1, T-1-T/S, ..., T/S-1, -1] (-1 = the clean end); trailing DDIM's timesteps."""
+    step = num_train_timesteps // num_segments
+    return [num_train_timesteps - 1 - j * step for j in range(num_segments)] + [-1]
+
+
+def segment_boundary(t: torch.Tensor, num_segments: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Lower boundary of the segment holding each timestep t (segments (e_{j+1}, e_j]); -1 for the last one."""
+    step = num_train_timesteps // num_segments
+    j = torch.div(num_train_timesteps - 1 - t, step, rounding_mode="floor")
+    b = num_train_timesteps - 1 - (j + 1) * step
+    return torch.where(j + 1 >= num_segments, torch.full_like(b, -1), b)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """Mean elementwise pseudo-Huber distance sqrt((a - b)^2 + c^2) - c (LCM's form)."""
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' guidance-scale embedding of the LCM-convention scale w - 1 (what StableDiffusionPipeline feeds)."""
+    from diffusers import StableDiffusionPipeline
+
+    # The helper is an instance method that does not use the instance.
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().cpu() - 1, embedding_dim=dim)
+
+
+def params_to_buffers(module: nn.Module) -> nn.Module:
+    """Turn every parameter of ``module`` into a (persistent) buffer of the same name, in place."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                del m._parameters[name]
+                m.register_buffer(name, p.detach().clone())
+    return module
+
+
+def lora_layers(model: nn.Module):
+    """The peft LoRA layers of ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class ConsistencyMethod(Method):
+    r"""Consistency distillation (LCM, LCM-LoRA, multiphase CD) of a diffusers teacher into a few-step student.
+
+    Networks: the frozen teacher; the student (a trainable copy, or LoRA adapters on the teacher network so that
+    no second copy exists); for full students an EMA target network held as buffers.
+
+    Supported teachers: :class:`~stepdistill.pipelines.ClassConditionalPipeline` (pixel space, class labels with a
+    null class) and SD-type text pipelines (``UNet2DConditionModel`` + VAE + one CLIP text encoder, in latent space).
+
+    Args:
+        run_config: the resolved :class:`~stepdistill.config.RunConfig`; ``run_config.method_args`` is a
+            :class:`ConsistencyConfig`.
+    """
+
+    name = "consistency"
+    Config = ConsistencyConfig
+
+    def __init__(self, run_config):
+        super().__init__(run_config)
+        from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
+
+        c: ConsistencyConfig = self.cfg
+        src = Path(run_config.data.source)
+        if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
+            raise ConfigError(IMAGES_MSG)
+        pipe = load_pipeline(run_config.teacher)
+        unet, scheduler = pipe.unet, getattr(pipe, "scheduler", None)
+        if scheduler is None or "num_train_timesteps" not in dict(getattr(scheduler, "config", {})):
+            raise ConfigError(f"teacher '{run_config.teacher}' has no usable scheduler config (num_train_timesteps, "
+                              "beta_schedule); consistency distillation reads the noise schedule from it")
+        self.scheduler = scheduler
+        try:
+            teacher = Denoiser(unet.requires_grad_(False), scheduler)
+        except UserError as e:
+            raise ConfigError(f"teacher '{run_config.teacher}': {e}") from None
+        if teacher.is_flow:
+            raise ConfigError("consistency distillation supports DDPM-family teachers (epsilon / v / sample "
+                              "prediction); flow-matching teachers are not supported yet")
+        self.T = teacher.num_train_timesteps
+        self.lora = c.lora_rank != 0
+        self._validate(c, self.T)
+
+        # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
+        self.classes: ClassConditioning | None = None
+        self.text: TextConditioning | None = None
+        self.vae = self.text_encoder = self.tokenizer = None
+        if isinstance(pipe, ClassConditionalPipeline):
+            self.classes = ClassConditioning(pipe.num_classes)
+        elif getattr(pipe, "text_encoder_2", None) is not None:
+            raise ConfigError(f"teacher '{run_config.teacher}' has two text encoders (SDXL-type); consistency "
+                              "supports class-conditional and SD1.x/2.x-type teachers so far")
+        elif getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "vae", None) is not None:
+            self.vae = pipe.vae.requires_grad_(False).eval()
+            self.text_encoder = pipe.text_encoder.requires_grad_(False).eval()
+            self.tokenizer = pipe.tokenizer
+            self.text = TextConditioning(self.tokenizer, self.text_encoder)
+        else:
+            raise ConfigError(f"teacher '{run_config.teacher}' ({type(pipe).__name__}) is neither a "
+                              "ClassConditionalPipeline nor an SD-type text pipeline")
+
+        self.w_dim = 0
+        if self.lora:
+            # LCM-LoRA: adapters on the teacher network; adapters off = the teacher, on = the student and its target.
+            self._add_lora(unet, c)
+            self.student = teacher
+            self._frozen_teacher: Denoiser | None = None
+            self.target: Denoiser | None = None
+        else:
+            # LCM: a full trainable copy, w-conditioned where the network takes a timestep_cond.
+            self._frozen_teacher = teacher
+            net = self._full_student(unet, c)
+            self.student = Denoiser(net.requires_grad_(True), scheduler)
+            # The EMA target as buffers: checkpointed (frozen parameters are not) and never trained.
+            self.target = Denoiser(params_to_buffers(copy.deepcopy(net)), scheduler)
+            names = [f"target.{n}" for n, _ in self.target.named_buffers()]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self, names + ["target_step"])
+        # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.
+        self.register_buffer("target_step", torch.tensor(-1, dtype=torch.long))
+
+    # --- construction helpers -----------------------------------------------------------------------------------
+    def _validate(self, c: ConsistencyConfig, T: int) -> None:
+        if not 1 <= c.num_ddim_timesteps <= T or T % c.num_ddim_timesteps:
+            raise ConfigError(f"method_args.num_ddim_timesteps must divide the teacher's {T} training timesteps, "
+                              f"got {c.num_ddim_timesteps}")
+        if c.guidance_min > c.guidance_max:
+            raise ConfigError(f"method_args.guidance_min ({c.guidance_min}) > guidance_max ({c.guidance_max}): the "
+                              "guidance range is inverted")
+        if c.guidance_min <= 0:
+            raise ConfigError("method_args.guidance_min must be > 0 (1 = no CFG)")
+        if c.lora_rank < 0:
+            raise ConfigError(f"method_args.lora_rank must be >= 1 for a LoRA student (0 = full student), got "
+                              f"{c.lora_rank}")
+        if c.loss not in ("huber", "l2"):
+            raise ConfigError(f"method_args.loss must be 'huber' or 'l2', got {c.loss!r}")
+        if c.huber_c <= 0 or not 0 <= c.target_ema_decay < 1 or c.w_embedding_dim < 0 or c.sample_steps < 1:
+            raise ConfigError("method_args.huber_c must be > 0, target_ema_decay in [0, 1), w_embedding_dim >= 0 and "
+                              "sample_steps >= 1")
+        segs, starts = list(c.segments), list(c.segment_starts)
+        if not segs or len(segs) != len(starts) or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ConfigError(f"method_args.segments and segment_starts must be equally long with segment_starts "
+                              f"strictly increasing from 0, got {segs} / {starts}")
+        for s in segs:
+            if s < 1 or T % s or s > c.num_ddim_timesteps:
+                raise ConfigError(f"method_args.segments: each count must divide {T} and be at most num_ddim_timesteps"
+                                  f" ({c.num_ddim_timesteps}), got {s}")
+
+    def _full_student(self, unet: nn.Module, c: ConsistencyConfig) -> nn.Module:
+        fixed = c.guidance_min == c.guidance_max
+        if "time_cond_proj_dim" not in unet.config:  # UNet2DModel: no timestep_cond input
+            if not fixed:
+                raise ConfigError(f"a full {type(unet).__name__} student cannot be conditioned on the guidance scale "
+                                  "(no timestep_cond input): set guidance_min == guidance_max, or use a LoRA student "
+                                  "(lora_rank > 0)")
+            return copy.deepcopy(unet)
+        have = unet.config.time_cond_proj_dim
+        if have is not None:  # the teacher already takes a w embedding: keep its size
+            self.w_dim = int(have)
+            return copy.deepcopy(unet)
+        if c.w_embedding_dim == 0:
+            if not fixed:
+                raise ConfigError("a guidance range (guidance_min < guidance_max) needs method_args.w_embedding_dim "
+                                  "> 0 for a full student")
+            return copy.deepcopy(unet)
+        # LCM: the teacher's weights in a UNet that also takes timestep_cond; the new projection starts at zero so the
+        # student starts exactly as the teacher.
+        self.w_dim = c.w_embedding_dim
+        net = type(unet).from_config(unet.config, time_cond_proj_dim=c.w_embedding_dim)
+        missing, unexpected = net.load_state_dict(unet.state_dict(), strict=False)
+        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+        nn.init.zeros_(net.time_embedding.cond_proj.weight)
+        return net
+
+    def _add_lora(self, unet: nn.Module, c: ConsistencyConfig) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = [n for n, _ in unet.named_modules()]
+        targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+        dims = [d for n, m in unet.named_modules() if any(n == t or n.endswith("." + t) for t in targets)
+                for d in ((m.in_features, m.out_features) if isinstance(m, nn.Linear)
+                          else (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else ())]
+        if not dims or c.lora_rank > min(dims):
+            raise ConfigError(f"method_args.lora_rank={c.lora_rank} exceeds the smallest adapted layer dimension of "
+                              f"the teacher network (max {min(dims) if dims else 0})")
+        # B = 0 at init: the student starts as the teacher.
+        self.lora_config = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha or c.lora_rank, target_modules=targets,
+                                      init_lora_weights=True)
+        if hasattr(unet, "add_adapter"):  # diffusers PeftAdapterMixin (UNet2DConditionModel)
+            unet.add_adapter(self.lora_config)
+        else:  # UNet2DModel has no adapter mixin: peft's own injection does the same
+            inject_adapter_in_model(self.lora_config, unet)
+        for n, p in unet.named_parameters():
+            p.requires_grad_("lora_" in n)
+
+    @contextmanager
+    def _adapters(self, enabled: bool):
+        """With a LoRA student, switch its adapters on (student) or off (teacher); a no-op otherwise.
+
+        Always restores them to on: peft freezes adapter weights while they are off, and they are the phase's
+        parameters.
+        """
+        if not self.lora:
+            yield
+            return
+        for m in lora_layers(self.student.model):
+            m.enable_adapters(enabled)
+        try:
+            yield
+        finally:
+            if not enabled:
+                for m in lora_layers(self.student.model):
+                    m.enable_adapters(True)
+
+    @property
+    def teacher(self) -> Denoiser:
+        """The teacher Denoiser (with a LoRA student: the same network, to be called with adapters off)."""
+        return self.student if self.lora else self._frozen_teacher
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.alphas_cumprod.device
+
+    def segments_at(self, step: int) -> int:
+        """Segment count S of the progressive schedule at loop step ``step``."""
+        c = self.cfg
+        return int([s for s, a in zip(c.segments, c.segment_starts) if a <= step][-1])
+
+    @property
+    def final_segments(self) -> int:
+        return self.segments_at(max(self.run_config.train.max_steps - 1, 0))
+
+    # --- the consistency function ---------------------------------------------------------------------------------
+    def consistency_fn(self, net: Denoiser, x_t: torch.Tensor, t: torch.Tensor, boundary: torch.Tensor,
+                       cond: Cond) -> torch.Tensor:
+        """G(x_t, t; b) = alpha_b x0_hat + sigma_b eps with x0_hat = c_skip(t) x_t + c_out(t) x0 (b = -1: x0_hat)."""
+        x0, eps = net.x0_eps(x_t, t, cond)
+        c_skip, c_out = S.consistency_scalings(t, self.cfg.sigma_data, self.cfg.timestep_scaling)
+        x0_hat = S.expand_like(c_skip, x_t) * x_t + S.expand_like(c_out, x_t) * x0
+        a_b, s_b = net.alpha_sigma(boundary, like=x_t)
+        return a_b * x0_hat + s_b * eps
+
+    @torch.no_grad()
+    def update_target(self, step: int) -> None:
+        """EMA update of the target network towards the student, once per loop step (no-op for LoRA students)."""
+        if self.target is None or int(self.target_step) >= step:
+            return
+        d = self.cfg.target_ema_decay
+        # By name: the target also holds the network's own buffers, and .to() replaces buffer objects.
+        target = self.target.model
+        for name, p in self.student.model.named_parameters():
+            target.get_buffer(name).lerp_(p.detach(), 1 - d)
+        self.target_step.fill_(step)
+
+    def _student_cond(self, cond: Cond, w: torch.Tensor) -> Cond:
+        if not self.w_dim:
+            return cond
+        emb = guidance_embedding(w, self.w_dim).to(self.device)
+        return cond.with_timestep_cond(emb)
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _x0_and_cond(self, batch: dict) -> tuple[torch.Tensor, Cond, Cond]:
+        """Clean samples in the network's space (pixels or VAE latents) with their (cond, uncond)."""
+        if "image" not in batch:
+            raise ConfigError(IMAGES_MSG)
+        x = batch["image"].to(self.device)
+        n = x.shape[0]
+        if self.classes is not None:
+            if "label" not in batch:
+                raise ConfigError("a class-conditional teacher needs labelled images (data.source digits16 or a "
+                                  "labelled dataset)")
+            labels = torch.as_tensor(batch["label"], device=self.device).long()
+            if int(labels.max()) >= self.classes.num_classes:
+                raise ConfigError(f"data labels go up to {int(labels.max())} but the teacher has "
+                                  f"{self.classes.num_classes} classes: use a matching data.source")
+            return x, self.classes.cond(labels), self.classes.uncond(n, self.device)
+        if "prompt" not in batch:
+            raise ConfigError("a text teacher needs captioned images (metadata.jsonl / .txt captions)")
+        prompts = list(batch["prompt"])
+        x = x.to(self.vae.dtype)
+        latents = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        return latents, self.text.cond(prompts).to(self.device), self.text.uncond(n).to(self.device)
+
+    # --- the Method contract --------------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        return [Phase("student", [p for p in self.student.parameters() if p.requires_grad])]
+
+    def ema_network(self) -> nn.Module | None:
+        return None if self.lora else self.student.model
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if phase != "student":
+            raise ValueError(f"unknown phase {phase!r}")
+        return self.student_loss(batch, step)
+
+    def student_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The consistency distillation loss at loop step ``step``."""
+        c: ConsistencyConfig = self.cfg
+        # 0. The EMA target catches up with the student as it is after the previous optimizer step.
+        self.update_target(step)
+        x0, cond, uncond = self._x0_and_cond(batch)
+        n, dev = x0.shape[0], x0.device
+        # 1. t_{n+k} uniformly on the DDIM grid; its segment's lower boundary b (-1 = clean end for S = 1).
+        segs = self.segments_at(step)
+        grid = ddim_grid(c.num_ddim_timesteps, self.T).to(dev)
+        t = grid[torch.randint(0, len(grid), (n,), device=dev)]
+        b = segment_boundary(t, segs, self.T)
+        # t_n one solver step (k) below, never past the boundary; the final segment stops at t = 0 as LCM does,
+        # where c_skip = 1 and c_out = 0 make G the identity.
+        t_n = torch.maximum(t - self.T // c.num_ddim_timesteps, b.clamp(min=0))
+        # 2. Noise x0 to x_{t_{n+k}}.
+        x_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
+        # 3. Per-sample guidance scale w (standard convention); a full SD student is conditioned on it.
+        w = sample_guidance_scale(n, c.guidance_min, c.guidance_max, device=dev)
+        s_cond = self._student_cond(cond, w)
+        # 4. The student's consistency function at x_{t_{n+k}}, with gradient.
+        pred = self.consistency_fn(self.student, x_t, t, b, s_cond)
+        with torch.no_grad():
+            # 5. One teacher DDIM step with CFG at w from t_{n+k} to t_n (adapters off for a LoRA student).
+            g = None if c.guidance_min == c.guidance_max == 1.0 else w
+            with self._adapters(False):
+                x_tn = self.teacher.solver_step(x_t, t, t_n, cond, guidance_scale=g, uncond=uncond)
+            # 6. Target G_target(x_{t_n}): the EMA network (full) or the student itself (LoRA). At t_n = b the
+            # boundary condition makes it x_{t_n} itself.
+            target = self.consistency_fn(self.target if self.target is not None else self.student, x_tn, t_n, b,
+                                         s_cond)
+            target = torch.where(S.expand_like(t_n == b, x_tn).bool(), x_tn, target)
+        # 7. Distance.
+        if c.loss == "huber":
+            loss = pseudo_huber(pred, target, c.huber_c)
+        else:
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        logs = {"segments": float(segs), "w_mean": w.mean().item(), "at_boundary": (t_n == b).float().mean().item()}
+        return loss, logs
+
+    # --- outputs --------------------------------------------------------------------------------------------------
+    def student_timesteps(self) -> list[int]:
+        """The exported sampler's timesteps: trailing DDIM over the final segments, or LCM's 1-step [T - 1]."""
+        return segment_edges(self.final_segments, self.T)[:-1]
+
+    def export_scheduler(self):
+        """LCMScheduler (one segment: LCM's own boundary scalings and grid) or trailing DDIM (S segments)."""
+        from diffusers import DDIMScheduler, LCMScheduler
+
+        common = dict(clip_sample=False, thresholding=False)
+        config = self.scheduler.config
+        if self.final_segments == 1:
+            sched = LCMScheduler.from_config(config, original_inference_steps=self.cfg.num_ddim_timesteps,
+                                             timestep_scaling=self.cfg.timestep_scaling, **common)
+        else:
+            sched = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, **common)
+        sched.register_to_config(student_timesteps=self.student_timesteps(),
+                                 consistency_segments=self.final_segments)
+        return sched
+
+    def fused_network(self) -> nn.Module:
+        """The student network as a plain diffusers model (LoRA adapters merged into a copy)."""
+        if not self.lora:
+            return self.student.model
+        from stepdistill.pipelines.lora import fuse_lora
+
+        return fuse_lora(copy.deepcopy(self.student.model))
+
+    def pipeline(self):
+        """The student as an in-memory pipeline (ClassConditionalPipeline or StableDiffusionPipeline)."""
+        sched = self.export_scheduler()
+        unet = self.fused_network()
+        if self.classes is not None:
+            from stepdistill.pipelines import ClassConditionalPipeline
+
+            pipe = ClassConditionalPipeline(unet=unet, scheduler=sched)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                           unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _sample_steps(self) -> int:
+        return self.cfg.sample_steps if self.final_segments == 1 else self.final_segments
+
+    @torch.no_grad()
+    def sample_grid(self, num: int, seed: int) -> np.ndarray:
+        pipe = self.pipeline()
+        steps = self._sample_steps()
+        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
+        if self.classes is not None:
+            labels = torch.arange(num) % self.classes.num_classes
+            return to_uint8(pipe(labels, num_inference_steps=steps, generator=gens, output_type="pt").images)
+        prompts = [self.cfg.sample_prompts[i % len(self.cfg.sample_prompts)] for i in range(num)]
+        w = self.cfg.guidance_max if self.w_dim else 1.0
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=w, generator=gens, output_type="np").images
+        return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+    def export(self, out_dir: Path) -> None:
+        """Full students: a pipeline folder. LoRA students: ``pytorch_lora_weights.safetensors`` + the scheduler (and,
+        for class-conditional teachers, the fused pipeline too, which is a few MB)."""
+        from stepdistill.pipelines.lora import save_lora
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pipe = self.pipeline()
+        if not self.lora or self.classes is not None:
+            pipe.save_pretrained(str(out_dir), safe_serialization=True)
+        else:
+            pipe.scheduler.save_pretrained(str(out_dir / "scheduler"))
+        if self.lora:
+            save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None)
+        (out_dir / "README.md").write_text(self._model_card(out_dir))
+
+    def _model_card(self, out_dir: Path) -> str:
+        c: ConsistencyConfig = self.cfg
+        ts, segs = self.student_timesteps(), self.final_segments
+        kind = "LCM-LoRA" if self.lora else "LCM"
+        if len(c.segments) > 1 or segs > 1:
+            kind += f" multiphase (segments {list(c.segments)} from steps {list(c.segment_starts)})"
+        steps = c.sample_steps if segs == 1 else segs
+        ranged = c.guidance_min < c.guidance_max
+        w = f"w in [{c.guidance_min}, {c.guidance_max}]" if ranged else f"w = {c.guidance_min}"
+        if self.w_dim:
+            guide = (f"The student is conditioned on the guidance scale ({self.w_dim}-d embedding of w - 1): pass "
+                     f"`guidance_scale` in [{c.guidance_min}, {c.guidance_max}]; no CFG pass is run.")
+        else:
+            guide = "The teacher's guidance is distilled in: sample with `guidance_scale=1.0` (no CFG)."
+        if segs == 1:
+            sampler = (f"`LCMScheduler` (original_inference_steps={c.num_ddim_timesteps}): 1 step uses t = {ts}; any "
+                       "step count from LCM's grid works (multi-step LCM sampling re-noises with fresh noise).")
+        else:
+            sampler = (f"`DDIMScheduler` (trailing, deterministic): sample with `num_inference_steps={segs}`, which "
+                       f"gives exactly the trained segment starts {ts}.")
+        if self.classes is not None:
+            use = (f"pipe = load_pipeline(\"{out_dir.name}\")  # from stepdistill.pipelines\n"
+                   f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}).images")
+            if self.lora:
+                use += ("\n# or the LoRA on the teacher:\nteacher = load_pipeline(\"digits16\")\n"
+                        f"teacher.load_lora_weights(\"{out_dir.name}\")\nteacher.scheduler = "
+                        f"type(pipe.scheduler).from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")")
+        elif self.lora:
+            sched_cls = "LCMScheduler" if segs == 1 else "DDIMScheduler"
+            use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{self.run_config.teacher}\")\n"
+                   f"pipe.load_lora_weights(\"{out_dir.name}\")\n"
+                   f"pipe.scheduler = {sched_cls}.from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")\n"
+                   f"images = pipe([\"a photo of a cat\"], num_inference_steps={steps}, guidance_scale=1.0).images")
+        else:
+            use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
+                   f"images = pipe([\"a photo of a cat\"], num_inference_steps={steps}, "
+                   f"guidance_scale={c.guidance_max if self.w_dim else 1.0}).images")
+        files = ("`pytorch_lora_weights.safetensors` (LoRA rank "
+                 f"{c.lora_rank}, alpha {c.lora_alpha or c.lora_rank})" if self.lora else "a full pipeline")
+        return (f"# {kind} student\n\nDistilled from `{self.run_config.teacher}` by stepdistill consistency "
+                f"distillation (teacher CFG {w}, DDIM grid of {c.num_ddim_timesteps} points, {c.loss} distance):\n\n"
+                f"    stepdistill train consistency --config <config.yaml>   # teacher={self.run_config.teacher}\n\n"
+                f"Contents: {files}. Sampler: {sampler} Trained timesteps recorded as `student_timesteps` "
+                f"({ts}) in scheduler/scheduler_config.json. {guide}\n\n```python\n{use}\n```\n\n"
+                f"Settings: {json.dumps({'segments': list(c.segments), 'segment_starts': list(c.segment_starts)})}\n")

@@ -1,4 +1,8 @@
-"""The digits16 teacher baseline: the numbers every student must beat, measured side by side in one run."""
+"""Benchmarks measured side by side in one run: the digits16 teacher baseline and the DMD2 main job.
+
+Every row is sampled with the same seeds (sample i from seed + i, balanced classes) and evaluated at the same N
+against all 1797 real digits16 images, so the rows can be compared with each other (not with other tools' FIDs).
+"""
 
 from __future__ import annotations
 
@@ -8,60 +12,207 @@ from pathlib import Path
 
 import numpy as np
 
-from stepdistill.utils import prepare_out_dir, save_grid
+from stepdistill.errors import UserError
+from stepdistill.utils import make_grid, prepare_out_dir, save_grid
 
-# (label, steps, guidance) of the baseline table. 50 steps with CFG is the teacher's quality reference; the few-step
-# rows show what plain sampling of the teacher gives at a student's budget (same CFG scale).
+# The teacher's CFG scale for every teacher row; 50 steps with CFG is its quality reference.
 TEACHER_GUIDANCE = 2.0
-BASELINE_ROWS = [("teacher 50-step CFG", 50), ("teacher 8-step", 8), ("teacher 4-step", 4), ("teacher 2-step", 2),
-                 ("teacher 1-step", 1)]
+TEACHER_STEPS = (50, 8, 4, 2, 1)
 METRICS = ["fid", "kid", "fd_digits", "accuracy"]
 
 
+def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_dir: Path, seed: int = 0,
+            batch_size: int = 250, timesteps: list[int] | None = None, device=None,
+            metrics: list[str] = METRICS) -> tuple[dict, np.ndarray]:
+    """Sample one configuration, evaluate it, save its grid; returns (row, images)."""
+    from stepdistill.eval.generation import generate
+    from stepdistill.eval.harness import evaluate
+
+    res = generate(pipe, num_samples, steps, guidance, seed, batch_size, timesteps=timesteps)
+    save_grid(res["images"][:100], out_dir / f"grid_{name.replace(' ', '_')}.png", nrow=10)
+    values = evaluate(res["images"], res["labels"], None, ref="digits16", metrics=metrics, device=device)
+    nfe = steps * (2 if guidance != 1.0 else 1)
+    row = {"name": name, "steps": steps, "guidance": guidance, "nfe": nfe,
+           "samples_per_s": num_samples / res["seconds"], **values}
+    return row, res["images"]
+
+
+def _cell(r: dict, key: str) -> str:
+    """One metric cell of the report table ("-" when the metric was not computed)."""
+    v = r.get(key)
+    if v is None:
+        return "-"
+    if key == "kid":
+        return f"{1e3 * v:.2f} ± {1e3 * r.get('kid_std', 0.0):.2f}"
+    if key == "accuracy":
+        return f"{100 * v:.1f}%"
+    return f"{v:.2f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The baseline / report table as GitHub markdown."""
-    head = "| model | steps | NFE | FID | KID x1e3 | FD-digits | accuracy | samples/s | speed-up |"
-    lines = [head, "|" + "---|" * 9]
+    """Rows as a GitHub markdown table; speed-up is relative to the first row."""
+    ref = rows[0]["samples_per_s"]
+    lines = ["| model | steps | NFE | FID | KID x1e3 | FD-digits | accuracy | samples/s | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} "
-            f"| {r['fd_digits']:.3f} | {100 * r['accuracy']:.1f}% | {r['samples_per_s']:.1f} | {r['speedup']:.1f}x |"
-        )
+        cells = " | ".join(_cell(r, k) for k in ("fid", "kid", "fd_digits", "accuracy"))
+        lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {cells} | {r['samples_per_s']:.1f} | "
+                     f"{r['samples_per_s'] / ref:.1f}x |")
     return "\n".join(lines)
 
 
+def side_by_side(named_images: list[tuple[str, np.ndarray]], path: Path, per_model: int = 30) -> None:
+    """One PNG with a block of samples per model, left to right (first ``per_model`` samples = 3 per class)."""
+    from PIL import Image, ImageDraw
+
+    blocks = [make_grid(imgs[:per_model], nrow=10, upscale=3) for _, imgs in named_images]
+    h = max(b.shape[0] for b in blocks) + 14
+    w = sum(b.shape[1] for b in blocks) + 8 * (len(blocks) - 1)
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for (name, _), b in zip(named_images, blocks):
+        draw.text((x + 2, 0), name, fill="black")
+        canvas.paste(Image.fromarray(b), (x, 14))
+        x += b.shape[1] + 8
+    canvas.save(path)
+
+
+def plot_losses(logs_jsonl: Path, path: Path) -> None:
+    """Plot every ``*loss*`` series of a run's logs.jsonl against the step, one panel per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in logs_jsonl.read_text().splitlines() if line.strip()]
+    keys = sorted({k for r in rows for k in r if "loss" in k or "grad_norm" in k})
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write(out_dir: Path, title: str, rows: list[dict], notes: str, extra: dict) -> str:
+    table = markdown_table(rows)
+    (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, **extra}, indent=2, default=_json_default))
+    (out_dir / "report.md").write_text(f"# {title}\n\n{notes}\n\n{table}\n")
+    return table
+
+
 def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: bool = False, device=None,
-                         pipeline: str = "digits16", seed: int = 0, batch_size: int = 250) -> list[dict]:
-    """Sample the teacher at each baseline configuration, evaluate all at equal N, write report + metrics."""
-    from stepdistill.eval.generation import generate
-    from stepdistill.eval.harness import evaluate
+                         pipeline: str = "digits16", seed: int = 0, metrics: list[str] = METRICS) -> list[dict]:
+    """The teacher at 50 steps with CFG and at 8/4/2/1 steps, evaluated at equal N; writes report + metrics."""
     from stepdistill.pipelines import load_pipeline
 
+    _check_num_samples(num_samples)
     out_dir = prepare_out_dir(out, overwrite)
     pipe = load_pipeline(pipeline, device=device)
-    rows = []
-    t_start = time.perf_counter()
-    for name, steps in BASELINE_ROWS:
-        res = generate(pipe, num_samples, steps, TEACHER_GUIDANCE, seed, batch_size)
-        slug = name.replace(" ", "_")
-        save_grid(res["images"][:100], out_dir / f"grid_{slug}.png", nrow=10)
-        metrics = evaluate(res["images"], res["labels"], None, ref="digits16", metrics=METRICS, device=device)
-        nfe = steps * (2 if TEACHER_GUIDANCE != 1.0 else 1)
-        rows.append({"name": name, "steps": steps, "guidance": TEACHER_GUIDANCE, "nfe": nfe,
-                     "samples_per_s": num_samples / res["seconds"], **metrics})
-    ref = rows[0]["samples_per_s"]
-    for r in rows:
-        r["speedup"] = r["samples_per_s"] / ref
-    table = markdown_table(rows)
-    wall = time.perf_counter() - t_start
-    (out_dir / "metrics.json").write_text(json.dumps({"rows": rows, "num_samples": num_samples, "seed": seed,
-                                                      "pipeline": pipeline, "wall_seconds": wall},
-                                                     indent=2, default=_json_default))
-    (out_dir / "report.md").write_text(
-        f"# digits16 teacher baseline\n\nN = {num_samples} samples per row (equal per class), reference = all "
-        f"1797 real digits16 images, CFG w = {TEACHER_GUIDANCE}, DDIM (trailing) sampler.\n\n{table}\n\n"
-        f"Wall time {wall / 60:.1f} min.\n")
+    t0 = time.perf_counter()
+    rows, named = [], []
+    for steps in TEACHER_STEPS:
+        name = f"teacher {steps}-step" + (" CFG" if steps == 50 else "")
+        row, images = measure(pipe, name, steps, TEACHER_GUIDANCE, num_samples, out_dir, seed, device=device,
+                              metrics=metrics)
+        rows.append(row)
+        named.append((name, images))
+    side_by_side(named, out_dir / "grids_side_by_side.png")
+    wall = time.perf_counter() - t0
+    notes = (f"N = {num_samples} samples per row (equal per class, sample i from seed {seed} + i), reference = all "
+             f"1797 real digits16 images, CFG w = {TEACHER_GUIDANCE} on every row, DDIM (trailing) sampler. "
+             f"Wall time {wall / 60:.1f} min.")
+    table = _write(out_dir, "digits16 teacher baseline", rows, notes,
+                   {"num_samples": num_samples, "seed": seed, "pipeline": pipeline, "wall_seconds": wall})
     print(table)
+    print(f"-> {out_dir / 'report.md'}")
+    return rows
+
+
+def _student_rows(pipe, label: str, steps_list: list[int] | None) -> list[tuple[str, int, list[int] | None]]:
+    """(row name, steps, explicit timesteps) for a student pipeline: its trained timesteps, or ``steps_list``."""
+    trained = [int(t) for t in pipe.scheduler.config.get("student_timesteps", [])] or None
+    if not steps_list:
+        k = len(trained) if trained else 1
+        return [(f"{label} {k}-step", k, trained)]
+    return [(f"{label} {k}-step", k, trained if trained and k == len(trained) else None) for k in steps_list]
+
+
+def run_distillation_report(method: str, configs: list[tuple[str, str]], out: str | Path,
+                            overrides: list[str] | None = None, num_samples: int = 500, overwrite: bool = False,
+                            device=None, seed: int = 0, student_steps: list[int] | None = None,
+                            teacher_steps: tuple[int, ...] = (4, 1), metrics: list[str] = METRICS) -> list[dict]:
+    """The main job: distill the teacher with each ``(label, config)``, then evaluate every student against the
+    teacher at equal N, side by side.
+
+    Students are sampled at their trained timesteps, or at each of ``student_steps`` (LCM-type schedulers).
+    Writes ``out/<label>/`` (each training run), ``out/report.md``, ``out/metrics.json``, per-row grids, a
+    side-by-side grid and ``out/losses_<label>.png``.
+    """
+    from stepdistill.config import load_config
+    from stepdistill.pipelines import load_pipeline
+    from stepdistill.trainers.loop import train
+
+    _check_num_samples(num_samples)
+    cfgs = [(label, path, load_config(path, overrides, method=method)) for label, path in configs]  # errors first
+    if len({c.teacher for _, _, c in cfgs}) != 1:
+        raise UserError("all configs of one report must distill the same teacher")
+    out_dir = prepare_out_dir(out, overwrite)
+    t0 = time.perf_counter()
+    students, train_seconds = [], {}
+    for label, _, cfg in cfgs:
+        t = time.perf_counter()
+        run = train(cfg, out_dir / label.replace(" ", "_"))
+        train_seconds[label] = time.perf_counter() - t
+        plot_losses(run / "logs.jsonl", out_dir / f"losses_{label.replace(' ', '_')}.png")
+        students.append((label, load_pipeline(str(run / "pipeline"), device=device)))
+    teacher = load_pipeline(cfgs[0][2].teacher, device=device)
+    rows, named = [], []
+    for steps in (50, *teacher_steps):
+        name = f"teacher {steps}-step" + (" CFG" if steps == 50 else "")
+        row, images = measure(teacher, name, steps, TEACHER_GUIDANCE, num_samples, out_dir, seed, device=device,
+                              metrics=metrics)
+        rows.append(row)
+        named.append((name, images))
+    for label, pipe in students:
+        for name, k, ts in _student_rows(pipe, label, student_steps):
+            row, images = measure(pipe, name, k, 1.0, num_samples, out_dir, seed, timesteps=ts, device=device,
+                                  metrics=metrics)
+            row["train_minutes"] = train_seconds[label] / 60
+            rows.append(row)
+            named.append((name, images))
+    side_by_side(named, out_dir / "grids_side_by_side.png")
+    wall = time.perf_counter() - t0
+    ref = rows[0]
+    goals = []
+    for r in rows[1 + len(teacher_steps):]:
+        parts = []
+        for key, better in (("fid", "lower"), ("kid", "lower"), ("fd_digits", "lower"), ("accuracy", "higher")):
+            if r.get(key) is not None:
+                ok = r[key] <= ref[key] if better == "lower" else r[key] >= ref[key]
+                parts.append(f"{key} {_cell(r, key)} vs {_cell(ref, key)} ({'beats or ties' if ok else 'worse'})")
+        parts.append(f"{r['samples_per_s'] / ref['samples_per_s']:.1f}x faster")
+        goals.append(f"- {r['name']}: " + ", ".join(parts))
+    trained = "; ".join(f"{label}: `stepdistill train {method} --config {path}` ({c.train.max_steps} steps, "
+                        f"{train_seconds[label] / 60:.1f} min)" for label, path, c in cfgs)
+    notes = (f"Teacher `{cfgs[0][2].teacher}`. Students: {trained}"
+             f"{'; overrides ' + ' '.join(overrides) if overrides else ''}. N = {num_samples} samples per row "
+             f"(equal per class, sample i from seed {seed} + i), reference = all 1797 real digits16 images; teacher "
+             f"rows use CFG w = {TEACHER_GUIDANCE} (DDIM trailing), students none. Speed-up is relative to the "
+             f"teacher's 50-step CFG row, measured in this run. Total wall time {wall / 60:.1f} min.\n\n"
+             "Student vs teacher 50-step CFG:\n" + "\n".join(goals) + "\n\nFiles: `grids_side_by_side.png`, "
+             "`grid_*.png`, `losses_*.png`, one training run folder per student (its `pipeline/` is the student).")
+    table = _write(out_dir, f"digits16: {method} students vs their teacher", rows, notes,
+                   {"num_samples": num_samples, "seed": seed, "teacher": cfgs[0][2].teacher,
+                    "configs": [p for _, p, _ in cfgs], "overrides": overrides or [],
+                    "train_seconds": train_seconds, "wall_seconds": wall})
+    print(table)
+    print("\n".join(goals))
     print(f"-> {out_dir / 'report.md'}")
     return rows
 
@@ -70,3 +221,8 @@ def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     return str(o)
+
+
+def _check_num_samples(n: int) -> None:
+    if n < 10:
+        raise UserError("--num-samples must be at least 10 (one per class)")

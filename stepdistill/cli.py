@@ -109,13 +109,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # --- bench ------------------------------------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace) -> int:
-    from stepdistill.eval.bench import run_teacher_baseline
+# Distillation benchmarks: method -> default (label, config) list and student step counts (None = trained ones).
+DISTILL_BENCHES = {
+    "dmd2": ("dmd2", [("dmd2 student", "configs/digits16_dmd2.yaml")], None),
+    "consistency": ("consistency", [("lcm", "configs/digits16_lcm.yaml"),
+                                    ("lcm-lora", "configs/digits16_lcm_lora.yaml"),
+                                    ("multiphase", "configs/digits16_multiphase.yaml")], [1, 2, 4]),
+}
 
-    if args.which != "teacher":
-        raise UserError(f"unknown benchmark '{args.which}' (available: teacher)")
-    run_teacher_baseline(args.out, num_samples=args.num_samples, overwrite=args.overwrite,
-                         device=_device(args.device), pipeline=args.pipeline)
+
+def _default_config(rel: str) -> str:
+    """A shipped recipe: relative to the working directory, else to the source checkout (editable installs)."""
+    if Path(rel).is_file():
+        return rel
+    repo = Path(__file__).resolve().parent.parent / rel
+    return str(repo) if repo.is_file() else rel
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stepdistill.eval import bench
+
+    device = _device(args.device)
+    if args.which == "teacher":
+        if args.overrides or args.config:
+            raise UserError("bench teacher takes no --config or key=value overrides")
+        bench.run_teacher_baseline(args.out, num_samples=args.num_samples, overwrite=args.overwrite, device=device,
+                                   pipeline=args.pipeline)
+        return 0
+    if args.which not in DISTILL_BENCHES:
+        raise UserError(f"unknown benchmark '{args.which}' (available: teacher, {', '.join(DISTILL_BENCHES)})")
+    method, configs, steps = DISTILL_BENCHES[args.which]
+    configs = [(label, _default_config(path)) for label, path in configs]
+    if args.config:
+        configs = [(f"{method} student", args.config)]
+    if args.student_steps:
+        try:
+            steps = [int(k) for k in args.student_steps.split(",")]
+        except ValueError:
+            raise UserError(f"--student-steps must be a comma list of integers, got '{args.student_steps}'") from None
+    bench.run_distillation_report(method, configs, args.out, args.overrides, num_samples=args.num_samples,
+                                  overwrite=args.overwrite, device=device, student_steps=steps)
     return 0
 
 
@@ -161,10 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_gen(e, False)
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="benchmarks (the digits16 teacher baseline table)",
-                       description="teacher: sample the shipped digits16 teacher at 50 steps + CFG and at 1/2/4/8 "
-                                   "steps, evaluate each at equal N and print the baseline table.")
-    b.add_argument("which", help="benchmark name: teacher")
+    b = sub.add_parser("bench", help="benchmarks: the digits16 teacher baseline, distillation reports",
+                       description="teacher: sample the shipped digits16 teacher at 50 steps + CFG and at 8/4/2/1 "
+                                   "steps, evaluate each at equal N and print the baseline table. dmd2 / consistency: "
+                                   "distill the teacher (configs/digits16_dmd2.yaml; configs/digits16_lcm*.yaml and "
+                                   "digits16_multiphase.yaml), evaluate the students against the teacher at equal N, "
+                                   "write report.md, metrics.json, grids and loss plots.")
+    b.add_argument("which", help="benchmark: teacher, dmd2 or consistency (LCM, LCM-LoRA and multiphase)")
+    b.add_argument("--config", help="training config of a distillation benchmark (one student instead of the "
+                                    "defaults)")
+    b.add_argument("--student-steps", help="comma list of student step counts (default: the trained timesteps; "
+                                           "1,2,4 for consistency)")
+    b.add_argument("overrides", nargs="*", help="dotted key=value overrides of the training config")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--num-samples", type=int, default=500, help="samples per configuration (default 500)")
     b.add_argument("--pipeline", default="digits16", help="teacher pipeline (default: the shipped digits16)")
@@ -179,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may stand anywhere after the subcommand (argparse would bind them before the options).
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(x.startswith("-") or "=" not in x for x in extra):
+        if args.command not in ("train", "bench") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:

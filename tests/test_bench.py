@@ -1,0 +1,63 @@
+"""The benchmark commands on a tiny 16x16 teacher with the cheap domain metrics (the Inception rows are the same
+code path with more metrics; their cost belongs to the benchmark commands, not the test suite)."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+from stepdistill.eval import bench
+from stepdistill.pipelines import ClassConditionalPipeline
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
+                       num_class_embeds=11)
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False,
+                          timestep_spacing="trailing")
+    path = tmp_path_factory.mktemp("teacher") / "p"
+    ClassConditionalPipeline(unet=unet, scheduler=sched).save_pretrained(str(path))
+    return str(path)
+
+
+def test_teacher_baseline_report(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "TEACHER_STEPS", (3, 1))
+    rows = bench.run_teacher_baseline(tmp_path / "b", num_samples=10, pipeline=tiny_teacher,
+                                      metrics=["fd_digits", "accuracy"])
+    assert [r["name"] for r in rows] == ["teacher 3-step", "teacher 1-step"]
+    assert [r["nfe"] for r in rows] == [6, 2]
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["num_samples"] == 10 and len(m["rows"]) == 2
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "| teacher 1-step | 1 | 2 | - | - |" in report  # metrics not computed are shown as "-"
+    assert (tmp_path / "b" / "grids_side_by_side.png").is_file()
+    with pytest.raises(Exception, match="already exists"):
+        bench.run_teacher_baseline(tmp_path / "b", num_samples=10, pipeline=tiny_teacher, metrics=["accuracy"])
+
+
+def test_distillation_report(tiny_teacher, tmp_path):
+    overrides = [f"teacher={tiny_teacher}", "train.max_steps=2", "train.tracker=none", "train.log_every=1",
+                 "train.checkpoint_every=0", "train.sample_every=0", "data.batch_size=4",
+                 "method_args.gan_weight_student=0", "method_args.gan_weight_critic=0"]
+    rows = bench.run_distillation_report("dmd2", [("dmd2 student", "configs/digits16_dmd2.yaml")], tmp_path / "r",
+                                         overrides, num_samples=10, teacher_steps=(1,),
+                                         metrics=["fd_digits", "accuracy"])
+    assert [r["name"] for r in rows] == ["teacher 50-step CFG", "teacher 1-step", "dmd2 student 1-step"]
+    assert rows[-1]["nfe"] == 1 and rows[0]["nfe"] == 100
+    out = tmp_path / "r"
+    assert (out / "dmd2_student" / "pipeline" / "model_index.json").is_file()
+    assert (out / "losses_dmd2_student.png").is_file() and (out / "report.md").is_file()
+    assert "dmd2 student 1-step: fd_digits" in (out / "report.md").read_text()

@@ -217,6 +217,65 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
     return rows
 
 
+def run_training_curve(method: str, config: str, out: str | Path, milestones: list[int],
+                       overrides: list[str] | None = None, num_samples: int = 500, overwrite: bool = False,
+                       device=None, seed: int = 0, metrics: list[str] = METRICS) -> list[dict]:
+    """Quality against training time: train one run to each milestone in turn (resuming, which the loop makes
+    exactly equal to one uninterrupted run), evaluate the student after each, plot FID against training minutes."""
+    import dataclasses
+
+    from stepdistill.config import load_config
+    from stepdistill.pipelines import load_pipeline
+    from stepdistill.trainers.loop import train
+
+    _check_num_samples(num_samples)
+    if not milestones or any(b <= a for a, b in zip(milestones, milestones[1:])) or milestones[0] < 1:
+        raise UserError(f"--curve needs increasing positive step counts, got {milestones}")
+    cfg = load_config(config, overrides, method=method)
+    out_dir = prepare_out_dir(out, overwrite)
+    rows, minutes = [], 0.0
+    for m in milestones:
+        t = time.perf_counter()
+        step_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=m))
+        run = train(step_cfg, out_dir / "train")
+        minutes += (time.perf_counter() - t) / 60
+        student = load_pipeline(str(run / "pipeline"), device=device)
+        (name, k, ts), = _student_rows(student, f"{method} student", None)[:1]
+        row, _ = measure(student, f"{name} @ {m} steps", k, 1.0, num_samples, out_dir, seed, timesteps=ts,
+                         device=device, metrics=metrics)
+        row.update(train_steps=m, train_minutes=minutes)
+        rows.append(row)
+        print(f"step {m}: " + ", ".join(f"{key} {_cell(row, key)}" for key in metrics), flush=True)
+    plot_losses(run / "logs.jsonl", out_dir / "losses.png")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    key = "fid" if "fid" in metrics else metrics[0]
+    ax.plot([r["train_minutes"] for r in rows], [r[key] for r in rows], "o-")
+    for r in rows:
+        ax.annotate(str(r["train_steps"]), (r["train_minutes"], r[key]), fontsize=7)
+    ax.set_xlabel("training minutes (this machine)")
+    ax.set_ylabel(key)
+    ax.set_title(f"{method}: {key} vs training time (N={num_samples})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curve.png", dpi=110)
+    plt.close(fig)
+    lines = ["| steps | training min | FID | KID x1e3 | FD-digits | accuracy |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['train_steps']} | {r['train_minutes']:.1f} | " +
+                     " | ".join(_cell(r, k) for k in ("fid", "kid", "fd_digits", "accuracy")) + " |")
+    table = "\n".join(lines)
+    (out_dir / "curve.md").write_text(f"# {method}: quality vs training time\n\n`{config}`"
+                                      f"{' ' + ' '.join(overrides) if overrides else ''}, N = {num_samples}.\n\n"
+                                      f"{table}\n")
+    (out_dir / "curve.json").write_text(json.dumps(rows, indent=2, default=_json_default))
+    print(table)
+    return rows
+
+
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()

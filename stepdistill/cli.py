@@ -147,6 +147,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             steps = [int(k) for k in args.student_steps.split(",")]
         except ValueError:
             raise UserError(f"--student-steps must be a comma list of integers, got '{args.student_steps}'") from None
+    if args.curve:
+        if len(configs) != 1:
+            raise UserError("--curve takes one config: pass --config FILE")
+        try:
+            milestones = [int(k) for k in args.curve.split(",")]
+        except ValueError:
+            raise UserError(f"--curve must be a comma list of step counts, got '{args.curve}'") from None
+        bench.run_training_curve(method, configs[0][1], args.out, milestones, args.overrides,
+                                 num_samples=args.num_samples, overwrite=args.overwrite, device=device)
+        return 0
     bench.run_distillation_report(method, configs, args.out, args.overrides, num_samples=args.num_samples,
                                   overwrite=args.overwrite, device=device, student_steps=steps)
     return 0
@@ -205,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "defaults)")
     b.add_argument("--student-steps", help="comma list of student step counts (default: the trained timesteps; "
                                            "1,2,4 for consistency)")
+    b.add_argument("--curve", help="comma list of training steps: evaluate the student after each (one resumed run) "
+                                   "and plot FID against training time, e.g. 250,500,1000,2000")
     b.add_argument("overrides", nargs="*", help="dotted key=value overrides of the training config")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--num-samples", type=int, default=500, help="samples per configuration (default 500)")

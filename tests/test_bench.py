@@ -61,3 +61,18 @@ def test_distillation_report(tiny_teacher, tmp_path):
     assert (out / "dmd2_student" / "pipeline" / "model_index.json").is_file()
     assert (out / "losses_dmd2_student.png").is_file() and (out / "report.md").is_file()
     assert "dmd2 student 1-step: fd_digits" in (out / "report.md").read_text()
+
+
+def test_training_curve_resumes_one_run(tiny_teacher, tmp_path):
+    overrides = [f"teacher={tiny_teacher}", "train.tracker=none", "train.log_every=1", "train.checkpoint_every=0",
+                 "train.sample_every=0", "data.batch_size=4", "method_args.gan_weight_student=0",
+                 "method_args.gan_weight_critic=0"]
+    rows = bench.run_training_curve("dmd2", "configs/digits16_dmd2.yaml", tmp_path / "c", [1, 3], overrides,
+                                    num_samples=10, metrics=["fd_digits", "accuracy"])
+    assert [r["train_steps"] for r in rows] == [1, 3]
+    assert rows[1]["train_minutes"] >= rows[0]["train_minutes"]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "c" / "train" / "logs.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]  # one run, continued: each step logged once
+    assert (tmp_path / "c" / "curve.png").is_file() and "| 3 |" in (tmp_path / "c" / "curve.md").read_text()
+    with pytest.raises(Exception, match="increasing"):
+        bench.run_training_curve("dmd2", "configs/digits16_dmd2.yaml", tmp_path / "d", [3, 2], overrides)

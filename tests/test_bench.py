@@ -10,13 +10,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 from stepdistill.eval import bench
 from stepdistill.pipelines import ClassConditionalPipeline
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Every test runs with one torch thread (the one_thread fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,13 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import (
+    digits_batch,
+    fixed_loss_descent,
+    log_rows,
+    run_overrides,
+    save_class_teacher,
+    train_two_processes,
+    unet_weights,
+)
 from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
 from stepdistill import schedules as S
 from stepdistill.config import load_config
 from stepdistill.errors import ConfigError, UserError
-from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
+from stepdistill.pipelines import load_pipeline
 from stepdistill.trainers import get_method
 from stepdistill.trainers.consistency import guidance_embedding, segment_boundary, segment_edges
 from stepdistill.trainers.loop import train
@@ -37,61 +45,18 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _tiny_unet(channels=(8, 16)):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=channels, layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8, num_class_embeds=11)
-
-
-def _save_teacher(out: Path, channels=(8, 16)) -> str:
-    from diffusers import DDIMScheduler
-
-    torch.manual_seed(0)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                          clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
-    ClassConditionalPipeline(unet=_tiny_unet(channels), scheduler=sched).save_pretrained(str(out),
-                                                                                        safe_serialization=True)
-    return str(out)
+# Every test runs with one torch thread (the one_thread fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> str:
     """A tiny class-conditional v-prediction teacher at digits16 size (10 classes + null), random weights."""
-    return _save_teacher(tmp_path_factory.mktemp("teacher") / "pipe")
-
-
-def _overrides(teacher: str, *extra: str) -> list[str]:
-    return [f"teacher={teacher}", "data.batch_size=8", "train.tracker=none", "train.log_every=1",
-            "train.checkpoint_every=0", "train.sample_every=0", "optim.student.lr=0.001", *extra]
+    return save_class_teacher(tmp_path_factory.mktemp("teacher") / "pipe")
 
 
 def _method(teacher: str, *extra: str):
-    return get_method("consistency")(load_config(CONFIG, _overrides(teacher, *extra)))
-
-
-def _batch(n: int = 8) -> dict:
-    from stepdistill.data import load_digits16
-
-    x, y = load_digits16()
-    return {"image": x[:n], "label": y[:n]}
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(s) for s in (run / "logs.jsonl").read_text().splitlines()]
-
-
-def _unet_weights(pipe_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    return get_method("consistency")(load_config(CONFIG, run_overrides(teacher, *extra)))
 
 
 def _noise(n: int, seed: int, shape=(1, 16, 16)) -> tuple[list[torch.Generator], torch.Tensor]:
@@ -103,13 +68,13 @@ def _noise(n: int, seed: int, shape=(1, 16, 16)) -> tuple[list[torch.Generator],
 # --- smoke runs ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_smoke_run_moves_loss_and_student(teacher_dir, tmp_path, variant):
-    cfg = load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=6", *VARIANTS[variant]))
+    cfg = load_config(CONFIG, run_overrides(teacher_dir, "train.max_steps=6", *VARIANTS[variant]))
     run = train(cfg, tmp_path / "run")
-    rows = _rows(run)
+    rows = log_rows(run)
     losses = [r["student/loss"] for r in rows]
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(losses)) and len(set(losses)) > 1
     pipe_dir = run / "pipeline"
-    trained, teacher = _unet_weights(pipe_dir), _unet_weights(Path(teacher_dir))
+    trained, teacher = unet_weights(pipe_dir), unet_weights(Path(teacher_dir))
     assert any(not torch.equal(trained[k], teacher[k]) for k in teacher)
     sched = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
     if variant == "multiphase":
@@ -126,18 +91,9 @@ def test_loss_moves_the_student_towards_the_target(teacher_dir):
     """A fixed batch + noise: a few optimizer steps lower the consistency loss (the target held still)."""
     method = _method(teacher_dir, "method_args.loss=l2", "method_args.target_ema_decay=0.0")
     opt = torch.optim.Adam(method.phases()[0].params, lr=2e-4)
-    batch = _batch()
-
-    def fixed_loss():
-        torch.manual_seed(0)
-        return method.loss("student", batch, 0)[0]  # step 0 always: the target is not updated
-
-    before = fixed_loss().item()
-    for _ in range(10):
-        opt.zero_grad()
-        fixed_loss().backward()
-        opt.step()
-    assert fixed_loss().item() < 0.7 * before
+    # Loop step 0 always: the target is not updated.
+    before, after = fixed_loss_descent(method, "student", digits_batch(), opt, 10)
+    assert after < 0.7 * before
 
 
 # --- the EMA target -----------------------------------------------------------------------------------------------
@@ -148,14 +104,14 @@ def test_ema_target_updates_once_per_step_with_the_configured_decay(teacher_dir)
     target = dict(method.target.model.named_buffers())
     assert student.keys() == target.keys() and all(torch.equal(student[k], target[k]) for k in student)
     opt = torch.optim.SGD(method.phases()[0].params, lr=0.5)
-    loss, _ = method.loss("student", _batch(), 0)
+    loss, _ = method.loss("student", digits_batch(), 0)
     loss.backward()
     opt.step()
     t0 = {k: v.clone() for k, v in target.items()}
     s1 = {k: v.detach().clone() for k, v in student.items()}
     assert any(not torch.equal(t0[k], s1[k]) for k in t0)
-    method.loss("student", _batch(), 1)
-    method.loss("student", _batch(), 1)  # a second micro-batch of the same step must not update again
+    method.loss("student", digits_batch(), 1)
+    method.loss("student", digits_batch(), 1)  # a second micro-batch of the same step must not update again
     for k in t0:
         torch.testing.assert_close(target[k], 0.9 * t0[k] + 0.1 * s1[k])
     assert int(method.target_step) == 1
@@ -163,14 +119,14 @@ def test_ema_target_updates_once_per_step_with_the_configured_decay(teacher_dir)
 
 def test_resume_equals_uninterrupted_run(teacher_dir, tmp_path, capsys):
     extra = ["train.max_steps=6", "train.checkpoint_every=3", "method_args.target_ema_decay=0.5"]
-    ref = train(load_config(CONFIG, _overrides(teacher_dir, *extra)), tmp_path / "ref")
+    ref = train(load_config(CONFIG, run_overrides(teacher_dir, *extra)), tmp_path / "ref")
     res = tmp_path / "res"
     shutil.copytree(ref, res)
     shutil.rmtree(res / "checkpoints" / "step-6")
     shutil.rmtree(res / "pipeline")
     (res / "checkpoints" / "latest").write_text("step-3\n")
     capsys.readouterr()
-    train(load_config(CONFIG, _overrides(teacher_dir, *extra)), res)
+    train(load_config(CONFIG, run_overrides(teacher_dir, *extra)), res)
     assert "resuming from" in capsys.readouterr().err
     wa = load_file(str(ref / "checkpoints" / "step-6" / "model.safetensors"))
     wb = load_file(str(res / "checkpoints" / "step-6" / "model.safetensors"))
@@ -181,7 +137,7 @@ def test_resume_equals_uninterrupted_run(teacher_dir, tmp_path, capsys):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     strip = lambda rows: [{k: v for k, v in r.items() if k.startswith("student/")} for r in rows]  # noqa: E731
-    assert strip(_rows(ref)) == strip(_rows(res))
+    assert strip(log_rows(ref)) == strip(log_rows(res))
 
 
 # --- LoRA -----------------------------------------------------------------------------------------------------------
@@ -209,7 +165,7 @@ def test_lora_student_shares_the_teacher_network(teacher_dir):
     torch.testing.assert_close(teacher, want)
     assert not torch.allclose(student, want, atol=1e-4)
     assert all(p.requires_grad for p in params)  # adapters back on and trainable after the teacher call
-    loss, _ = method.loss("student", _batch(), 0)
+    loss, _ = method.loss("student", digits_batch(), 0)
     loss.backward()
     assert all(p.grad is None for n, p in method.student.model.named_parameters() if "lora_" not in n)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
@@ -228,7 +184,7 @@ def test_perfect_student_has_zero_loss_and_maps_to_the_segment_start(teacher_dir
     """Data = one image x*: the exact denoiser predicts x* everywhere and DDIM steps are exact, so a student that is
     the teacher's ODE is perfectly consistent (loss ~ 0), and G(x_t) is the trajectory point at the segment start."""
     method = _method(teacher_dir, f"method_args.segments=[{segments}]", "method_args.loss=l2")
-    x_star = _batch(1)["image"]
+    x_star = digits_batch(1)["image"]
 
     def exact(self_den):
         def x0_eps(x_t, t, cond, guidance_scale=None, uncond=None):
@@ -314,7 +270,7 @@ def captioned(tmp_path_factory) -> str:
 
 
 def _sd_overrides(sd_dir, captioned, *extra):
-    return _overrides(sd_dir, "train.max_steps=2", "data.batch_size=2", f"data.source={captioned}",
+    return run_overrides(sd_dir, "train.max_steps=2", "data.batch_size=2", f"data.source={captioned}",
                       "data.resolution=16", *extra)
 
 
@@ -400,23 +356,11 @@ def test_sd_lora_file_reproduces_the_student(sd_dir, captioned, tmp_path):
 
 
 # --- distributed ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_run(teacher_dir, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "stepdistill.trainers.loop", "--config", str(CONFIG), "--out", str(run),
-           *_overrides(teacher_dir, "train.max_steps=3", "data.batch_size=4")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = train_two_processes(CONFIG, run, run_overrides(teacher_dir, "train.max_steps=3", "data.batch_size=4"))
     assert res.returncode == 0, res.stderr[-4000:]
-    assert [r["step"] for r in _rows(run)] == [1, 2, 3]
+    assert [r["step"] for r in log_rows(run)] == [1, 2, 3]
     state = load_file(str(run / "checkpoints" / "step-3" / "model.safetensors"))
     assert int(state["target_step"]) == 2 and any(k.startswith("target.model.") for k in state)
     assert json.loads((run / "checkpoints" / "step-3" / "loop_state.json").read_text())["world_size"] == 2
@@ -469,11 +413,11 @@ def test_incompatible_lora_files_are_clear_errors(teacher_dir, sd_dir, tmp_path)
     with pytest.raises(UserError, match="class-conditional UNet2DModel.*StableDiffusionPipeline"):
         load_lora(load_pipeline(sd_dir), tmp_path / "digits")
     # The same LoRA into a class-conditional teacher of another size: shape mismatch named.
-    other = load_pipeline(_save_teacher(tmp_path / "wide", channels=(16, 32)))
+    other = load_pipeline(save_class_teacher(tmp_path / "wide", channels=(16, 32)))
     with pytest.raises(UserError, match="has shape .* but this network needs"):
         other.load_lora_weights(str(tmp_path / "digits"))
     # An SD-format LoRA file into the class-conditional pipeline.
-    sd_lora = get_method("consistency")(load_config(CONFIG, _overrides(sd_dir, "method_args.lora_rank=2")))
+    sd_lora = get_method("consistency")(load_config(CONFIG, run_overrides(sd_dir, "method_args.lora_rank=2")))
     sd_lora.export(tmp_path / "sd")
     with pytest.raises(UserError, match="not a class-conditional stepdistill LoRA"):
         load_pipeline(teacher_dir).load_lora_weights(str(tmp_path / "sd"))

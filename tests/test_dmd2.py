@@ -4,21 +4,26 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import (
+    digits_batch,
+    fixed_loss_descent,
+    log_rows,
+    run_overrides,
+    save_class_teacher,
+    train_two_processes,
+    unet_weights,
+)
 from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
 from stepdistill.config import load_config
 from stepdistill.errors import ConfigError
-from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
+from stepdistill.pipelines import load_pipeline
 from stepdistill.trainers import get_method
 from stepdistill.trainers.loop import train
 
@@ -28,53 +33,22 @@ CONFIG = ROOT / "configs" / "digits16_dmd2.yaml"
 FOUR = [999, 749, 499, 249]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Every test runs with one torch thread (the one_thread fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> str:
     """A tiny class-conditional v-prediction teacher at digits16 size (10 classes + null), random weights."""
-    from diffusers import DDIMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=8, num_class_embeds=11)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                          clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
-    out = tmp_path_factory.mktemp("teacher") / "pipe"
-    ClassConditionalPipeline(unet=unet, scheduler=sched).save_pretrained(str(out), safe_serialization=True)
-    return str(out)
+    return save_class_teacher(tmp_path_factory.mktemp("teacher") / "pipe")
 
 
 def _overrides(teacher: str, *extra: str) -> list[str]:
-    return [f"teacher={teacher}", "data.batch_size=8", "train.tracker=none", "train.log_every=1",
-            "train.checkpoint_every=0", "train.sample_every=0", "optim.student.lr=0.001", "optim.fake_score.lr=0.001",
-            *extra]
+    return run_overrides(teacher, "optim.fake_score.lr=0.001", *extra)
 
 
 def _method(teacher: str, *extra: str):
     return get_method("dmd2")(load_config(CONFIG, _overrides(teacher, *extra)))
-
-
-def _batch(n: int = 8) -> dict:
-    from stepdistill.data import load_digits16
-
-    x, y = load_digits16()
-    return {"image": x[:n], "label": y[:n]}
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(s) for s in (run / "logs.jsonl").read_text().splitlines()]
-
-
-def _unet_weights(pipe_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 @pytest.mark.parametrize("timesteps", [[999], FOUR])
@@ -82,13 +56,13 @@ def test_few_step_smoke_run_and_ttur_schedule(teacher_dir, tmp_path, timesteps):
     cfg = load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=7",
                                          f"method_args.student_timesteps={json.dumps(timesteps)}"))
     run = train(cfg, tmp_path / "run")
-    rows = _rows(run)
+    rows = log_rows(run)
     assert [r["step"] for r in rows] == list(range(1, 8))
     # Two time-scale update rule: the student updates on loop steps 0 and 5 (logged as steps 1 and 6) only.
     assert [r["step"] for r in rows if "student/loss" in r] == [1, 6]
     assert all("fake_score/denoise_loss" in r and "fake_score/gan_d_loss" in r for r in rows)
     assert all(r["student/dm_grad_norm"] > 0 and "student/gan_g_loss" in r for r in rows if "student/loss" in r)
-    trained, teacher = _unet_weights(run / "pipeline"), _unet_weights(Path(teacher_dir))
+    trained, teacher = unet_weights(run / "pipeline"), unet_weights(Path(teacher_dir))
     assert any(not torch.equal(trained[k], teacher[k]) for k in teacher)
     sched = json.loads((run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "LCMScheduler" and sched["student_timesteps"] == timesteps
@@ -101,18 +75,8 @@ def test_fake_score_fits_fixed_student_samples(teacher_dir):
                      "method_args.student_timesteps=[999,749,499,249]")
     params = method.phases()[1].params
     opt = torch.optim.Adam(params, lr=2e-3)
-    batch = _batch()
-
-    def fixed_loss():
-        torch.manual_seed(0)  # the same student samples, noise and t each time
-        return method.loss("fake_score", batch, 0)[0]
-
-    before = fixed_loss().item()
-    for _ in range(15):
-        opt.zero_grad()
-        fixed_loss().backward()
-        opt.step()
-    assert fixed_loss().item() < 0.7 * before
+    before, after = fixed_loss_descent(method, "fake_score", digits_batch(), opt, 15)
+    assert after < 0.7 * before
     assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
 
 
@@ -123,7 +87,7 @@ def test_student_loss_moves_student_toward_the_teacher(teacher_dir):
     with torch.no_grad():
         for p in method.fake_score.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    batch = _batch()
+    batch = digits_batch()
     captured = {}
     orig = method.generate
 
@@ -159,19 +123,19 @@ def test_gan_term_on_and_off(teacher_dir):
     assert on.gan_head is not None
     head_params = {id(p) for p in on.gan_head.parameters()}
     assert head_params <= {id(p) for p in on.phases()[1].params}
-    loss, logs = on.loss("fake_score", _batch(), 0)
+    loss, logs = on.loss("fake_score", digits_batch(), 0)
     loss.backward()
     assert "gan_d_loss" in logs and all(p.grad is not None for p in on.gan_head.parameters())
     assert sum(p.grad.abs().sum() for p in on.gan_head.parameters()) > 0
     on.zero_grad()
-    _, logs = on.loss("student", _batch(), 0)
+    _, logs = on.loss("student", digits_batch(), 0)
     assert "gan_g_loss" in logs
 
     off = _method(teacher_dir, "method_args.gan_weight_critic=0", "method_args.gan_weight_student=0")
     assert off.gan_head is None and not any("gan" in n for n, _ in off.named_parameters())
-    _, logs = off.loss("fake_score", _batch(), 0)
+    _, logs = off.loss("fake_score", digits_batch(), 0)
     assert "gan_d_loss" not in logs
-    _, logs = off.loss("student", _batch(), 0)
+    _, logs = off.loss("student", digits_batch(), 0)
     assert "gan_g_loss" not in logs
 
 
@@ -201,7 +165,7 @@ def test_lora_fake_score(teacher_dir):
     torch.testing.assert_close(real, want)
     assert not torch.allclose(fake, want, atol=1e-4)
     assert all(p.requires_grad for p in fake_params)  # adapters switched back on (and trainable) after the teacher
-    loss, _ = method.loss("fake_score", _batch(), 0)
+    loss, _ = method.loss("fake_score", digits_batch(), 0)
     loss.backward()
     assert all(p.grad is None for n, p in method.teacher.model.named_parameters() if "lora_" not in n)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake_params)
@@ -234,24 +198,12 @@ def test_export_round_trip_matches_student(teacher_dir, tmp_path, timesteps):
     torch.testing.assert_close(out_n, out, atol=0, rtol=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_run(teacher_dir, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "stepdistill.trainers.loop", "--config", str(CONFIG), "--out", str(run),
-           *_overrides(teacher_dir, "train.max_steps=3", "data.batch_size=4",
-                       "method_args.fake_updates_per_student=2")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = train_two_processes(CONFIG, run, _overrides(teacher_dir, "train.max_steps=3", "data.batch_size=4",
+                                                      "method_args.fake_updates_per_student=2"))
     assert res.returncode == 0, res.stderr[-4000:]
-    rows = _rows(run)
+    rows = log_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3] and "student/loss" in rows[0] and "student/loss" not in rows[1]
     assert json.loads((run / "checkpoints" / "step-3" / "loop_state.json").read_text())["world_size"] == 2
     assert (run / "pipeline" / "model_index.json").is_file()
@@ -284,8 +236,8 @@ def test_resume_equals_uninterrupted_run(teacher_dir, tmp_path, capsys):
         for i in sa:
             for k in sa[i]:
                 assert torch.equal(sa[i][k], sb[i][k]), (name, i, k)
-    ra = [{k: v for k, v in r.items() if "/" in k and not k.startswith("lr/")} for r in _rows(ref)]
-    rb = [{k: v for k, v in r.items() if "/" in k and not k.startswith("lr/")} for r in _rows(res)]
+    ra = [{k: v for k, v in r.items() if "/" in k and not k.startswith("lr/")} for r in log_rows(ref)]
+    rb = [{k: v for k, v in r.items() if "/" in k and not k.startswith("lr/")} for r in log_rows(res)]
     assert ra == rb
 
 
@@ -324,7 +276,7 @@ def test_sd_type_teacher_trains_and_exports_stock_pipeline(sd_dir, tmp_path):
                                          "method_args.fake_score_lora_rank=2",
                                          "method_args.student_timesteps=[999,749,499,249]"))
     run = train(cfg, tmp_path / "run")
-    assert "student/dm_loss" in _rows(run)[0]
+    assert "student/dm_loss" in log_rows(run)[0]
     pipe = StableDiffusionPipeline.from_pretrained(str(run / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
@@ -357,5 +309,5 @@ def test_regression_warmup_targets_the_teacher_ode(teacher_dir):
     z = torch.cat([torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(7 + i)) for i in range(2)])
     got = method.teacher_ode(z, method.classes.cond(labels), method.classes.uncond(2))
     torch.testing.assert_close(got.clamp(-1, 1), want, atol=1e-4, rtol=1e-4)
-    loss, logs = method.loss("student", _batch(), 0)
+    loss, logs = method.loss("student", digits_batch(), 0)
     assert logs["regression_loss"] > 0 and torch.isfinite(loss)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tiny import digits_batch, fixed_loss_descent
 
 from stepdistill.config import load_config
 from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
@@ -16,12 +17,8 @@ TINY = ["method_args.block_out_channels=[8,16]", "method_args.layers_per_block=1
         "method_args.norm_num_groups=4", "method_args.attention_head_dim=8", "method_args.sample_steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Every test runs with one torch thread (the one_thread fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_teacher_trains_and_exports(tmp_path):
@@ -44,22 +41,9 @@ def test_teacher_loss_moves_the_network_toward_the_target():
     """A few optimizer steps on one fixed batch reduce that batch's loss (the gradient points the right way)."""
     cfg = load_config("configs/digits16_teacher.yaml", TINY)
     method = get_method("teacher")(cfg)
-    from stepdistill.data import load_digits16
-
-    x, y = load_digits16()
-    batch = {"image": x[:64], "label": y[:64]}
     opt = torch.optim.Adam(method.unet.parameters(), lr=3e-3)
-
-    def fixed_loss():
-        torch.manual_seed(0)
-        return method.loss("main", batch, 0)[0]
-
-    before = fixed_loss().item()
-    for _ in range(15):
-        opt.zero_grad()
-        fixed_loss().backward()
-        opt.step()
-    assert fixed_loss().item() < 0.7 * before
+    before, after = fixed_loss_descent(method, "main", digits_batch(64), opt, 15)
+    assert after < 0.7 * before
 
 
 def test_unconditional_teacher_exports_ddim_pipeline(tmp_path):

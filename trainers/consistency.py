@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,9 +68,10 @@ from stepdistill import schedules as S
 from stepdistill.conditioning import ClassConditioning, Cond, TextConditioning, sample_guidance_scale
 from stepdistill.data import to_uint8
 from stepdistill.denoiser import Denoiser
-from stepdistill.errors import ConfigError, UserError
+from stepdistill.errors import ConfigError
 
 from .base import Method, Phase
+from .common import adapters, add_lora, check_labels, encode_latents, load_teacher, teacher_conditioning
 
 # Modules LCM-LoRA adapts (those present in the network are used): attention projections and feed-forwards of
 # transformer blocks, resnet convolutions and time projections, up/down-samplers.
@@ -158,13 +159,6 @@ def params_to_buffers(module: nn.Module) -> nn.Module:
     return module
 
 
-def lora_layers(model: nn.Module):
-    """The peft LoRA layers of ``model``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
 class ConsistencyMethod(Method):
     r"""Consistency distillation (LCM, LCM-LoRA, multiphase CD) of a diffusers teacher into a few-step student.
 
@@ -184,51 +178,28 @@ class ConsistencyMethod(Method):
 
     def __init__(self, run_config):
         super().__init__(run_config)
-        from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
-
         c: ConsistencyConfig = self.cfg
         src = Path(run_config.data.source)
         if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
             raise ConfigError(IMAGES_MSG)
-        pipe = load_pipeline(run_config.teacher)
-        unet, scheduler = pipe.unet, getattr(pipe, "scheduler", None)
-        if scheduler is None or "num_train_timesteps" not in dict(getattr(scheduler, "config", {})):
-            raise ConfigError(f"teacher '{run_config.teacher}' has no usable scheduler config (num_train_timesteps, "
-                              "beta_schedule); consistency distillation reads the noise schedule from it")
+        pipe, teacher = load_teacher(run_config, "consistency distillation")
+        unet, scheduler = pipe.unet, pipe.scheduler
         self.scheduler = scheduler
-        try:
-            teacher = Denoiser(unet.requires_grad_(False), scheduler)
-        except UserError as e:
-            raise ConfigError(f"teacher '{run_config.teacher}': {e}") from None
-        if teacher.is_flow:
-            raise ConfigError("consistency distillation supports DDPM-family teachers (epsilon / v / sample "
-                              "prediction); flow-matching teachers are not supported yet")
         self.T = teacher.num_train_timesteps
         self.lora = c.lora_rank != 0
         self._validate(c, self.T)
 
         # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
-        self.classes: ClassConditioning | None = None
-        self.text: TextConditioning | None = None
-        self.vae = self.text_encoder = self.tokenizer = None
-        if isinstance(pipe, ClassConditionalPipeline):
-            self.classes = ClassConditioning(pipe.num_classes)
-        elif getattr(pipe, "text_encoder_2", None) is not None:
-            raise ConfigError(f"teacher '{run_config.teacher}' has two text encoders (SDXL-type); consistency "
-                              "supports class-conditional and SD1.x/2.x-type teachers so far")
-        elif getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "vae", None) is not None:
-            self.vae = pipe.vae.requires_grad_(False).eval()
-            self.text_encoder = pipe.text_encoder.requires_grad_(False).eval()
-            self.tokenizer = pipe.tokenizer
-            self.text = TextConditioning(self.tokenizer, self.text_encoder)
-        else:
-            raise ConfigError(f"teacher '{run_config.teacher}' ({type(pipe).__name__}) is neither a "
-                              "ClassConditionalPipeline nor an SD-type text pipeline")
+        conditioning = teacher_conditioning(pipe, run_config.teacher, "consistency")
+        self.classes: ClassConditioning | None = conditioning.classes
+        self.text: TextConditioning | None = conditioning.text
+        self.vae, self.text_encoder = conditioning.vae, conditioning.text_encoder
+        self.tokenizer = conditioning.tokenizer
 
         self.w_dim = 0
         if self.lora:
             # LCM-LoRA: adapters on the teacher network; adapters off = the teacher, on = the student and its target.
-            self._add_lora(unet, c)
+            self.lora_config = add_lora(unet, c.lora_rank, c.lora_alpha, LORA_TARGETS, "method_args.lora_rank")
             self.student = teacher
             self._frozen_teacher: Denoiser | None = None
             self.target: Denoiser | None = None
@@ -298,45 +269,9 @@ class ConsistencyMethod(Method):
         nn.init.zeros_(net.time_embedding.cond_proj.weight)
         return net
 
-    def _add_lora(self, unet: nn.Module, c: ConsistencyConfig) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        names = [n for n, _ in unet.named_modules()]
-        targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
-        dims = [d for n, m in unet.named_modules() if any(n == t or n.endswith("." + t) for t in targets)
-                for d in ((m.in_features, m.out_features) if isinstance(m, nn.Linear)
-                          else (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else ())]
-        if not dims or c.lora_rank > min(dims):
-            raise ConfigError(f"method_args.lora_rank={c.lora_rank} exceeds the smallest adapted layer dimension of "
-                              f"the teacher network (max {min(dims) if dims else 0})")
-        # B = 0 at init: the student starts as the teacher.
-        self.lora_config = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha or c.lora_rank, target_modules=targets,
-                                      init_lora_weights=True)
-        if hasattr(unet, "add_adapter"):  # diffusers PeftAdapterMixin (UNet2DConditionModel)
-            unet.add_adapter(self.lora_config)
-        else:  # UNet2DModel has no adapter mixin: peft's own injection does the same
-            inject_adapter_in_model(self.lora_config, unet)
-        for n, p in unet.named_parameters():
-            p.requires_grad_("lora_" in n)
-
-    @contextmanager
-    def _adapters(self, enabled: bool):
-        """With a LoRA student, switch its adapters on (student) or off (teacher); a no-op otherwise.
-
-        Always restores them to on: peft freezes adapter weights while they are off, and they are the phase's
-        parameters.
-        """
-        if not self.lora:
-            yield
-            return
-        for m in lora_layers(self.student.model):
-            m.enable_adapters(enabled)
-        try:
-            yield
-        finally:
-            if not enabled:
-                for m in lora_layers(self.student.model):
-                    m.enable_adapters(True)
+    def _adapters(self, enabled: bool) -> AbstractContextManager:
+        """With a LoRA student, switch its adapters on (student) or off (teacher); a no-op otherwise."""
+        return adapters(self.student.model, enabled) if self.lora else nullcontext()
 
     @property
     def teacher(self) -> Denoiser:
@@ -397,15 +332,12 @@ class ConsistencyMethod(Method):
                 raise ConfigError("a class-conditional teacher needs labelled images (data.source digits16 or a "
                                   "labelled dataset)")
             labels = torch.as_tensor(batch["label"], device=self.device).long()
-            if int(labels.max()) >= self.classes.num_classes:
-                raise ConfigError(f"data labels go up to {int(labels.max())} but the teacher has "
-                                  f"{self.classes.num_classes} classes: use a matching data.source")
+            check_labels(labels, self.classes)
             return x, self.classes.cond(labels), self.classes.uncond(n, self.device)
         if "prompt" not in batch:
             raise ConfigError("a text teacher needs captioned images (metadata.jsonl / .txt captions)")
         prompts = list(batch["prompt"])
-        x = x.to(self.vae.dtype)
-        latents = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        latents = encode_latents(self.vae, x)
         return latents, self.text.cond(prompts).to(self.device), self.text.uncond(n).to(self.device)
 
     # --- the Method contract --------------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
 
 from .base import Method, Phase
+from .common import adapters, add_lora, check_labels, encode_latents, load_teacher, teacher_conditioning
 
 # Guard for the per-sample normaliser mean|p_real| of the distribution-matching gradient.
 _NORM_EPS = 1e-6
@@ -90,25 +90,6 @@ class GANHead(nn.Module):
         return self.net(features.float()).squeeze(1)
 
 
-def _lora_layers(model: nn.Module) -> Iterator[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
-
-
-def _lora_max_rank(model: nn.Module, targets: list[str]) -> int:
-    """The smallest in/out dimension over the layers a LoRA with ``targets`` would adapt."""
-    dims = []
-    for name, m in model.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        if isinstance(m, nn.Linear):
-            dims += [m.in_features, m.out_features]
-        elif isinstance(m, nn.Conv2d):
-            dims += [m.in_channels, m.out_channels]
-    return min(dims) if dims else 0
-
-
 class DMD2Method(Method):
     r"""DMD2 distillation of a diffusers teacher into a 1- or few-step student.
 
@@ -129,36 +110,19 @@ class DMD2Method(Method):
 
     def __init__(self, run_config):
         super().__init__(run_config)
-        from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
-
         c: DMD2Config = self.cfg
-        pipe = load_pipeline(run_config.teacher)
+        pipe, self.teacher = load_teacher(run_config, "dmd2")
         unet, scheduler = pipe.unet, pipe.scheduler
         self.scheduler = scheduler
-        self.teacher = Denoiser(unet.requires_grad_(False), scheduler)
-        if self.teacher.is_flow:
-            raise ConfigError("dmd2 supports DDPM-family teachers (epsilon / v / sample prediction); flow-matching "
-                              "teachers are not supported yet")
         T = self.teacher.num_train_timesteps
         self._validate(c, T)
 
         # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
-        self.classes: ClassConditioning | None = None
-        self.text: TextConditioning | None = None
-        self.vae = self.text_encoder = self.tokenizer = None
-        if isinstance(pipe, ClassConditionalPipeline):
-            self.classes = ClassConditioning(pipe.num_classes)
-        elif getattr(pipe, "text_encoder_2", None) is not None:
-            raise ConfigError(f"teacher '{run_config.teacher}' has two text encoders (SDXL-type); dmd2 supports "
-                              "class-conditional and SD1.x/2.x-type teachers so far")
-        elif getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "vae", None) is not None:
-            self.vae = pipe.vae.requires_grad_(False).eval()
-            self.text_encoder = pipe.text_encoder.requires_grad_(False).eval()
-            self.tokenizer = pipe.tokenizer
-            self.text = TextConditioning(self.tokenizer, self.text_encoder)
-        else:
-            raise ConfigError(f"teacher '{run_config.teacher}' ({type(pipe).__name__}) is neither a "
-                              "ClassConditionalPipeline nor an SD-type text pipeline")
+        conditioning = teacher_conditioning(pipe, run_config.teacher, "dmd2")
+        self.classes: ClassConditioning | None = conditioning.classes
+        self.text: TextConditioning | None = conditioning.text
+        self.vae, self.text_encoder = conditioning.vae, conditioning.text_encoder
+        self.tokenizer = conditioning.tokenizer
 
         # 1. The student G: a trainable copy of the teacher network.
         self.student = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler)
@@ -167,7 +131,8 @@ class DMD2Method(Method):
         # teacher's own predictions), which keeps a single copy of the big network in memory.
         self.lora = c.fake_score_lora_rank > 0
         if self.lora:
-            self._add_lora(unet, c)
+            add_lora(unet, c.fake_score_lora_rank, c.fake_score_lora_alpha, LORA_TARGETS,
+                     "method_args.fake_score_lora_rank")
             self.fake_score: Denoiser | None = None
         else:
             self.fake_score = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler)
@@ -206,25 +171,6 @@ class DMD2Method(Method):
         if c.real_guidance <= 0:
             raise ConfigError("method_args.real_guidance must be > 0 (1 = no CFG)")
 
-    def _add_lora(self, unet: nn.Module, c: DMD2Config) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        names = [n for n, _ in unet.named_modules()]
-        targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
-        max_rank = _lora_max_rank(unet, targets)
-        if c.fake_score_lora_rank > max_rank:
-            raise ConfigError(f"method_args.fake_score_lora_rank={c.fake_score_lora_rank} exceeds the smallest "
-                              f"adapted layer dimension of the teacher network (max {max_rank})")
-        # B = 0 at init: the fake score starts as the teacher, as DMD2 initialises it.
-        lora = LoraConfig(r=c.fake_score_lora_rank, lora_alpha=c.fake_score_lora_alpha or c.fake_score_lora_rank,
-                          target_modules=targets, init_lora_weights=True)
-        if hasattr(unet, "add_adapter"):  # diffusers PeftAdapterMixin (UNet2DConditionModel, transformers)
-            unet.add_adapter(lora)
-        else:  # UNet2DModel has no adapter mixin: peft's own injection does the same
-            inject_adapter_in_model(lora, unet)
-        for n, p in unet.named_parameters():
-            p.requires_grad_("lora_" in n)
-
     def _capture_mid(self, module: nn.Module, args, output) -> None:
         self._captured["mid"] = output[0] if isinstance(output, tuple) else output
 
@@ -232,24 +178,9 @@ class DMD2Method(Method):
     def _fake_net(self) -> nn.Module:
         return self.teacher.model if self.lora else self.fake_score.model
 
-    @contextmanager
-    def _adapters(self, enabled: bool):
-        """With a LoRA fake score, switch its adapters on (fake score) or off (teacher); a no-op otherwise.
-
-        Always restores them to on: the loop's phase parameters are the adapter weights, which peft freezes while
-        they are off.
-        """
-        if not self.lora:
-            yield
-            return
-        for m in _lora_layers(self.teacher.model):
-            m.enable_adapters(enabled)
-        try:
-            yield
-        finally:
-            if not enabled:
-                for m in _lora_layers(self.teacher.model):
-                    m.enable_adapters(True)
+    def _adapters(self, enabled: bool) -> AbstractContextManager:
+        """With a LoRA fake score, switch its adapters on (fake score) or off (teacher); a no-op otherwise."""
+        return adapters(self.teacher.model, enabled) if self.lora else nullcontext()
 
     def real_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond) -> torch.Tensor:
         """The teacher's x0 prediction with CFG ``real_guidance`` (no gradient)."""
@@ -272,9 +203,7 @@ class DMD2Method(Method):
         if self.classes is not None:
             if "label" in batch:
                 labels = torch.as_tensor(batch["label"], device=device).long()
-                if labels.numel() and int(labels.max()) >= self.classes.num_classes:
-                    raise ConfigError(f"data labels go up to {int(labels.max())} but the teacher has "
-                                      f"{self.classes.num_classes} classes: use a matching data.source")
+                check_labels(labels, self.classes)
             else:
                 n = len(batch["image"]) if "image" in batch else len(batch["prompt"])
                 labels = torch.randint(0, self.classes.num_classes, (n,), device=device)
@@ -331,10 +260,7 @@ class DMD2Method(Method):
         if "image" not in batch:
             raise ConfigError(GAN_IMAGES_MSG)
         x = batch["image"].to(self.device)
-        if self.vae is None:
-            return x
-        x = x.to(self.vae.dtype)
-        return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        return x if self.vae is None else encode_latents(self.vae, x)
 
     def _fake_features(self) -> torch.Tensor:
         feats = self._captured.pop("mid", None)

@@ -1,0 +1,89 @@
+"""A tiny class-conditional teacher (random weights, digits16 size) and the small helpers the training tests share:
+run overrides, a labelled digits batch, a run's log rows, a pipeline's UNet weights, a fixed-loss descent and a
+2-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.pipelines import ClassConditionalPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def save_class_teacher(out: Path, channels: tuple[int, int] = (8, 16)) -> str:
+    """Save a tiny class-conditional v-prediction teacher (10 classes + null, 16x16x1) to ``out``; seed 0."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=channels, layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8, num_class_embeds=11)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                          clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    ClassConditionalPipeline(unet=unet, scheduler=sched).save_pretrained(str(out), safe_serialization=True)
+    return str(out)
+
+
+def run_overrides(teacher: str, *extra: str) -> list[str]:
+    """Config overrides of a short, quiet test run on ``teacher`` (no checkpoints, samples or tracker)."""
+    return [f"teacher={teacher}", "data.batch_size=8", "train.tracker=none", "train.log_every=1",
+            "train.checkpoint_every=0", "train.sample_every=0", "optim.student.lr=0.001", *extra]
+
+
+def digits_batch(n: int = 8) -> dict:
+    """The first ``n`` labelled digits16 images as a batch."""
+    from stepdistill.data import load_digits16
+
+    x, y = load_digits16()
+    return {"image": x[:n], "label": y[:n]}
+
+
+def log_rows(run: Path) -> list[dict]:
+    """The rows of a run's logs.jsonl."""
+    return [json.loads(s) for s in (run / "logs.jsonl").read_text().splitlines()]
+
+
+def unet_weights(pipe_dir: Path) -> dict[str, torch.Tensor]:
+    """The UNet state dict saved in a pipeline folder."""
+    return load_file(str(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def fixed_loss_descent(method, phase: str, batch: dict, opt: torch.optim.Optimizer, steps: int) -> tuple[float, float]:
+    """``phase``'s loss on ``batch`` at loop step 0 before and after ``steps`` optimizer steps (seed 0 each time)."""
+
+    def fixed_loss() -> torch.Tensor:
+        torch.manual_seed(0)  # the same noise, timesteps and samples at every evaluation
+        return method.loss(phase, batch, 0)[0]
+
+    before = fixed_loss().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        fixed_loss().backward()
+        opt.step()
+    return before, fixed_loss().item()
+
+
+def free_port() -> int:
+    """A free local TCP port for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_two_processes(config: Path, out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """Train ``config`` with ``overrides`` into ``out`` in 2 CPU processes (torch.distributed.run)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "stepdistill.trainers.loop", "--config", str(config), "--out", str(out), *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,143 @@
+"""Pieces the distillation methods (dmd2, consistency) share: loading the frozen teacher with its conditioning, and
+LoRA adapters on the teacher network that are switched off for the teacher's own predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stepdistill.conditioning import ClassConditioning, TextConditioning
+from stepdistill.denoiser import Denoiser
+from stepdistill.errors import ConfigError, UserError
+
+
+# --- the teacher ---------------------------------------------------------------------------------------------------
+def load_teacher(run_config: Any, who: str) -> tuple[Any, Denoiser]:
+    """The teacher pipeline and its network as a frozen Denoiser; ``who`` names the method in the errors."""
+    from stepdistill.pipelines import load_pipeline
+
+    pipe = load_pipeline(run_config.teacher)
+    unet, scheduler = pipe.unet, getattr(pipe, "scheduler", None)
+    if scheduler is None or "num_train_timesteps" not in dict(getattr(scheduler, "config", {})):
+        raise ConfigError(f"teacher '{run_config.teacher}' has no usable scheduler config (num_train_timesteps, "
+                          f"beta_schedule); {who} reads the noise schedule from it")
+    try:
+        teacher = Denoiser(unet.requires_grad_(False), scheduler)
+    except UserError as e:
+        raise ConfigError(f"teacher '{run_config.teacher}': {e}") from None
+    if teacher.is_flow:
+        raise ConfigError(f"{who} supports DDPM-family teachers (epsilon / v / sample prediction); flow-matching "
+                          "teachers are not supported yet")
+    return pipe, teacher
+
+
+@dataclass
+class TeacherConditioning:
+    """Class labels, or prompts through the teacher's frozen text encoder (text teachers also bring their VAE)."""
+
+    classes: ClassConditioning | None = None
+    text: TextConditioning | None = None
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+    tokenizer: Any = None
+
+
+def teacher_conditioning(pipe: Any, teacher: str, method: str) -> TeacherConditioning:
+    """The conditioning of a ClassConditionalPipeline or an SD-type text pipeline (others: a ConfigError)."""
+    from stepdistill.pipelines import ClassConditionalPipeline
+
+    if isinstance(pipe, ClassConditionalPipeline):
+        return TeacherConditioning(classes=ClassConditioning(pipe.num_classes))
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ConfigError(f"teacher '{teacher}' has two text encoders (SDXL-type); {method} supports "
+                          "class-conditional and SD1.x/2.x-type teachers so far")
+    if getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "vae", None) is not None:
+        text_encoder = pipe.text_encoder.requires_grad_(False).eval()
+        return TeacherConditioning(text=TextConditioning(pipe.tokenizer, text_encoder),
+                                   vae=pipe.vae.requires_grad_(False).eval(), text_encoder=text_encoder,
+                                   tokenizer=pipe.tokenizer)
+    raise ConfigError(f"teacher '{teacher}' ({type(pipe).__name__}) is neither a ClassConditionalPipeline nor an "
+                      "SD-type text pipeline")
+
+
+def check_labels(labels: torch.Tensor, classes: ClassConditioning) -> None:
+    """Reject data labels beyond the teacher's classes."""
+    if labels.numel() and int(labels.max()) >= classes.num_classes:
+        raise ConfigError(f"data labels go up to {int(labels.max())} but the teacher has {classes.num_classes} "
+                          "classes: use a matching data.source")
+
+
+def encode_latents(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled VAE latents (one posterior sample, as the teacher was trained on)."""
+    return vae.encode(images.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+
+
+# --- LoRA on the teacher network -----------------------------------------------------------------------------------
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The peft LoRA layers of ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_max_rank(model: nn.Module, targets: Sequence[str]) -> int:
+    """The smallest in/out dimension over the layers a LoRA with ``targets`` would adapt (0: none)."""
+    dims = []
+    for name, m in model.named_modules():
+        if not _matches(name, targets):
+            continue
+        if isinstance(m, nn.Linear):
+            dims += [m.in_features, m.out_features]
+        elif isinstance(m, nn.Conv2d):
+            dims += [m.in_channels, m.out_channels]
+    return min(dims) if dims else 0
+
+
+def add_lora(network: nn.Module, rank: int, alpha: float, targets: Sequence[str], key: str):
+    """Add LoRA adapters (those of ``targets`` present in ``network``) and make them its only trainable parameters.
+
+    ``key`` is the config key of ``rank``, named in the error when the rank exceeds a layer dimension. Returns the
+    peft ``LoraConfig``; alpha 0 means alpha = rank (scale 1).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = [n for n, _ in network.named_modules()]
+    present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    max_rank = lora_max_rank(network, present)
+    if rank > max_rank:
+        raise ConfigError(f"{key}={rank} exceeds the smallest adapted layer dimension of the teacher network "
+                          f"(max {max_rank})")
+    # B = 0 at init: the adapted network starts as the teacher.
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=present, init_lora_weights=True)
+    if hasattr(network, "add_adapter"):  # diffusers PeftAdapterMixin (UNet2DConditionModel, transformers)
+        network.add_adapter(config)
+    else:  # UNet2DModel has no adapter mixin: peft's own injection does the same
+        inject_adapter_in_model(config, network)
+    for n, p in network.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return config
+
+
+@contextmanager
+def adapters(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Switch the LoRA adapters of ``model`` on or off for the block, and always back on after it.
+
+    Back on because the adapter weights are a training phase's parameters, and peft freezes them while they are off.
+    """
+    for m in lora_layers(model):
+        m.enable_adapters(enabled)
+    try:
+        yield
+    finally:
+        if not enabled:
+            for m in lora_layers(model):
+                m.enable_adapters(True)

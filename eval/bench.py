@@ -143,6 +143,28 @@ def _student_rows(pipe, label: str, steps_list: list[int] | None) -> list[tuple[
     return [(f"{label} {k}-step", k, trained if trained and k == len(trained) else None) for k in steps_list]
 
 
+def run_real_floor(out: str | Path, num_samples: int = 500, overwrite: bool = False, device=None, seed: int = 0,
+                   metrics: list[str] = METRICS) -> dict:
+    """The metrics' small-N floor: ``num_samples`` real digits16 images (a seeded random subset) scored against all
+    1797 exactly like generated samples. A model cannot be expected to score below this at the same N."""
+    from stepdistill.eval.harness import digits16_uint8, evaluate
+
+    _check_num_samples(num_samples)
+    images, labels = digits16_uint8()
+    if num_samples > len(images):
+        raise UserError(f"--num-samples must be at most {len(images)} for real digits16")
+    out_dir = prepare_out_dir(out, overwrite)
+    idx = np.random.default_rng(seed).choice(len(images), num_samples, replace=False)
+    values = evaluate(images[idx], labels[idx], None, ref="digits16", metrics=metrics, device=device)
+    row = {"name": f"real digits16 subset (seed {seed})", "steps": 0, "nfe": 0, "samples_per_s": float("nan"),
+           **values}
+    table = _write(out_dir, "digits16 real-data floor", [row],
+                   f"N = {num_samples} real images drawn without replacement (seed {seed}) against all 1797.",
+                   {"num_samples": num_samples, "seed": seed})
+    print(table)
+    return row
+
+
 def run_distillation_report(method: str, configs: list[tuple[str, str]], out: str | Path,
                             overrides: list[str] | None = None, num_samples: int = 500, overwrite: bool = False,
                             device=None, seed: int = 0, student_steps: list[int] | None = None,

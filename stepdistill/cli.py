@@ -130,6 +130,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stepdistill.eval import bench
 
     device = _device(args.device)
+    if args.which == "real":
+        bench.run_real_floor(args.out, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
+        return 0
     if args.which == "teacher":
         if args.overrides or args.config:
             raise UserError("bench teacher takes no --config or key=value overrides")
@@ -137,7 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                    pipeline=args.pipeline)
         return 0
     if args.which not in DISTILL_BENCHES:
-        raise UserError(f"unknown benchmark '{args.which}' (available: teacher, {', '.join(DISTILL_BENCHES)})")
+        raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, "
+                        f"{', '.join(DISTILL_BENCHES)})")
     method, configs, steps = DISTILL_BENCHES[args.which]
     configs = [(label, _default_config(path)) for label, path in configs]
     if args.config:
@@ -210,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "distill the teacher (configs/digits16_dmd2.yaml; configs/digits16_lcm*.yaml and "
                                    "digits16_multiphase.yaml), evaluate the students against the teacher at equal N, "
                                    "write report.md, metrics.json, grids and loss plots.")
-    b.add_argument("which", help="benchmark: teacher, dmd2 or consistency (LCM, LCM-LoRA and multiphase)")
+    b.add_argument("which", help="benchmark: real (the metrics' floor: real digits at the same N), teacher, dmd2 or "
+                                 "consistency (LCM, LCM-LoRA and multiphase)")
     b.add_argument("--config", help="training config of a distillation benchmark (one student instead of the "
                                     "defaults)")
     b.add_argument("--student-steps", help="comma list of student step counts (default: the trained timesteps; "

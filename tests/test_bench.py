@@ -71,3 +71,10 @@ def test_training_curve_resumes_one_run(tiny_teacher, tmp_path):
     assert (tmp_path / "c" / "curve.png").is_file() and "| 3 |" in (tmp_path / "c" / "curve.md").read_text()
     with pytest.raises(Exception, match="increasing"):
         bench.run_training_curve("dmd2", "configs/digits16_dmd2.yaml", tmp_path / "d", [3, 2], overrides)
+
+
+def test_real_floor(tmp_path):
+    row = bench.run_real_floor(tmp_path / "f", num_samples=200, metrics=["fd_digits", "accuracy"])
+    assert row["num_samples"] == 200 and row["accuracy"] > 0.95
+    with pytest.raises(Exception, match="at most 1797"):
+        bench.run_real_floor(tmp_path / "g", num_samples=5000, metrics=["accuracy"])

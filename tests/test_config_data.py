@@ -29,6 +29,12 @@ def test_load_config_with_overrides(tmp_path):
     assert again == cfg
 
 
+def test_scientific_notation_without_dot_is_a_float(tmp_path):
+    f = write(tmp_path / "c.yaml", "method: teacher\noptim:\n  main:\n    lr: 3e-4\n")
+    cfg = load_config(f, ["optim.main.weight_decay=1e-2"])
+    assert cfg.optim["main"].lr == 3e-4 and cfg.optim["main"].weight_decay == 0.01
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert from_dict(TrainConfig, {"ema_decay": 1}).ema_decay == 1.0
     with pytest.raises(ConfigError, match="'train.max_steps' expects an integer"):

@@ -77,6 +77,22 @@ def encode_latents(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
 
 
+def student_pipeline(unet: nn.Module, scheduler: Any, cond: TeacherConditioning) -> Any:
+    """A student network + its export scheduler as the pipeline type of its teacher (class-conditional or SD)."""
+    if cond.classes is not None:
+        from stepdistill.pipelines import ClassConditionalPipeline
+
+        pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=cond.vae, text_encoder=cond.text_encoder, tokenizer=cond.tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # --- LoRA on the teacher network -----------------------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     """The peft LoRA layers of ``model``."""

@@ -71,7 +71,16 @@ from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
 
 from .base import Method, Phase
-from .common import adapters, add_lora, check_labels, encode_latents, load_teacher, teacher_conditioning
+from .common import (
+    TeacherConditioning,
+    adapters,
+    add_lora,
+    check_labels,
+    encode_latents,
+    load_teacher,
+    student_pipeline,
+    teacher_conditioning,
+)
 
 # Modules LCM-LoRA adapts (those present in the network are used): attention projections and feed-forwards of
 # transformer blocks, resnet convolutions and time projections, up/down-samplers.
@@ -422,20 +431,8 @@ class ConsistencyMethod(Method):
 
     def pipeline(self):
         """The student as an in-memory pipeline (ClassConditionalPipeline or StableDiffusionPipeline)."""
-        sched = self.export_scheduler()
-        unet = self.fused_network()
-        if self.classes is not None:
-            from stepdistill.pipelines import ClassConditionalPipeline
-
-            pipe = ClassConditionalPipeline(unet=unet, scheduler=sched)
-        else:
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                           unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        cond = TeacherConditioning(self.classes, self.text, self.vae, self.text_encoder, self.tokenizer)
+        return student_pipeline(self.fused_network(), self.export_scheduler(), cond)
 
     def _sample_steps(self) -> int:
         return self.cfg.sample_steps if self.final_segments == 1 else self.final_segments

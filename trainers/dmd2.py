@@ -29,7 +29,16 @@ from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
 
 from .base import Method, Phase
-from .common import adapters, add_lora, check_labels, encode_latents, load_teacher, teacher_conditioning
+from .common import (
+    TeacherConditioning,
+    adapters,
+    add_lora,
+    check_labels,
+    encode_latents,
+    load_teacher,
+    student_pipeline,
+    teacher_conditioning,
+)
 
 # Guard for the per-sample normaliser mean|p_real| of the distribution-matching gradient.
 _NORM_EPS = 1e-6
@@ -388,19 +397,8 @@ class DMD2Method(Method):
 
     def pipeline(self):
         """The student as an in-memory pipeline (ClassConditionalPipeline or StableDiffusionPipeline)."""
-        sched = self.export_scheduler()
-        if self.classes is not None:
-            from stepdistill.pipelines import ClassConditionalPipeline
-
-            pipe = ClassConditionalPipeline(unet=self.student.model, scheduler=sched)
-        else:
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                           unet=self.student.model, scheduler=sched, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        cond = TeacherConditioning(self.classes, self.text, self.vae, self.text_encoder, self.tokenizer)
+        return student_pipeline(self.student.model, self.export_scheduler(), cond)
 
     @torch.no_grad()
     def sample_grid(self, num: int, seed: int) -> np.ndarray:

@@ -106,6 +106,19 @@ def _write(out_dir: Path, title: str, rows: list[dict], notes: str, extra: dict)
     return table
 
 
+def _teacher_rows(pipe, steps_list, num_samples: int, out_dir: Path, seed: int, device,
+                  metrics: list[str]) -> tuple[list[dict], list[tuple[str, np.ndarray]]]:
+    """The teacher sampled at each step count with CFG ``TEACHER_GUIDANCE``: (rows, (name, images) for grids)."""
+    rows, named = [], []
+    for steps in steps_list:
+        name = f"teacher {steps}-step" + (" CFG" if steps == 50 else "")
+        row, images = measure(pipe, name, steps, TEACHER_GUIDANCE, num_samples, out_dir, seed, device=device,
+                              metrics=metrics)
+        rows.append(row)
+        named.append((name, images))
+    return rows, named
+
+
 def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: bool = False, device=None,
                          pipeline: str = "digits16", seed: int = 0, metrics: list[str] = METRICS) -> list[dict]:
     """The teacher at 50 steps with CFG and at 8/4/2/1 steps, evaluated at equal N; writes report + metrics."""
@@ -115,13 +128,7 @@ def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: boo
     out_dir = prepare_out_dir(out, overwrite)
     pipe = load_pipeline(pipeline, device=device)
     t0 = time.perf_counter()
-    rows, named = [], []
-    for steps in TEACHER_STEPS:
-        name = f"teacher {steps}-step" + (" CFG" if steps == 50 else "")
-        row, images = measure(pipe, name, steps, TEACHER_GUIDANCE, num_samples, out_dir, seed, device=device,
-                              metrics=metrics)
-        rows.append(row)
-        named.append((name, images))
+    rows, named = _teacher_rows(pipe, TEACHER_STEPS, num_samples, out_dir, seed, device, metrics)
     side_by_side(named, out_dir / "grids_side_by_side.png")
     wall = time.perf_counter() - t0
     notes = (f"N = {num_samples} samples per row (equal per class, sample i from seed {seed} + i), reference = all "
@@ -194,13 +201,7 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
         plot_losses(run / "logs.jsonl", out_dir / f"losses_{label.replace(' ', '_')}.png")
         students.append((label, load_pipeline(str(run / "pipeline"), device=device)))
     teacher = load_pipeline(cfgs[0][2].teacher, device=device)
-    rows, named = [], []
-    for steps in (50, *teacher_steps):
-        name = f"teacher {steps}-step" + (" CFG" if steps == 50 else "")
-        row, images = measure(teacher, name, steps, TEACHER_GUIDANCE, num_samples, out_dir, seed, device=device,
-                              metrics=metrics)
-        rows.append(row)
-        named.append((name, images))
+    rows, named = _teacher_rows(teacher, (50, *teacher_steps), num_samples, out_dir, seed, device, metrics)
     for label, pipe in students:
         for name, k, ts in _student_rows(pipe, label, student_steps):
             row, images = measure(pipe, name, k, 1.0, num_samples, out_dir, seed, timesteps=ts, device=device,

@@ -10,9 +10,9 @@ import torch
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-def build_tiny_sd(out: str | Path) -> str:
-    """Save a tiny random StableDiffusionPipeline (16x16 images, 8x8x4 latents, epsilon prediction) to ``out``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def tiny_text_stack():
+    """A tiny CLIP tokenizer (fixture), CLIP text model and UNet2DConditionModel (8x8x4 latents), seeded, eval mode."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -20,11 +20,19 @@ def build_tiny_sd(out: str | Path) -> str:
     enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
                                        num_attention_heads=2, num_hidden_layers=2,
                                        max_position_embeddings=tok.model_max_length,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=4)
+                                attention_head_dim=4, norm_num_groups=4).eval()
+    return tok, enc, unet
+
+
+def build_tiny_sd(out: str | Path) -> str:
+    """Save a tiny random StableDiffusionPipeline (16x16 images, 8x8x4 latents, epsilon prediction) to ``out``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    tok, enc, unet = tiny_text_stack()
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         norm_num_groups=4, sample_size=16)

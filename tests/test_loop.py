@@ -52,13 +52,10 @@ OVERRIDES = [
 
 
 @pytest.fixture(autouse=True)
-def _toy_registered(monkeypatch):
+def _toy_registered(monkeypatch, one_thread):
+    # One thread (conftest's fixture): fast on a shared 2-core machine, and the same float results in-process and
+    # in subprocesses.
     monkeypatch.setitem(METHODS, "toy", "_toy_method:ToyMethod")
-    # One thread: fast on a shared 2-core machine, and the same float results in-process and in subprocesses.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -1,29 +1,11 @@
 """Text conditioning through a tokenizer + text encoder (tiny CLIP built in code) and a text UNet."""
 
-from pathlib import Path
-
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from _tiny_sd import tiny_text_stack
+from diffusers import DDIMScheduler
 
 from stepdistill.conditioning import Cond, TextConditioning
 from stepdistill.denoiser import Denoiser
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def tiny_text_stack():
-    torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
-    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                       num_attention_heads=2, num_hidden_layers=2,
-                                       max_position_embeddings=tok.model_max_length,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=4).eval()
-    return tok, enc, unet
 
 
 def test_text_embeddings_are_cached_and_prompt_dependent():

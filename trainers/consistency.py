@@ -72,7 +72,6 @@ from stepdistill.errors import ConfigError
 
 from .base import Method, Phase
 from .common import (
-    TeacherConditioning,
     adapters,
     add_lora,
     check_labels,
@@ -199,7 +198,8 @@ class ConsistencyMethod(Method):
         self._validate(c, self.T)
 
         # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
-        conditioning = teacher_conditioning(pipe, run_config.teacher, "consistency")
+        # Kept whole for the export; its modules are also registered below, once, as attributes of this Method.
+        self.conditioning = conditioning = teacher_conditioning(pipe, run_config.teacher, "consistency")
         self.classes: ClassConditioning | None = conditioning.classes
         self.text: TextConditioning | None = conditioning.text
         self.vae, self.text_encoder = conditioning.vae, conditioning.text_encoder
@@ -431,8 +431,7 @@ class ConsistencyMethod(Method):
 
     def pipeline(self):
         """The student as an in-memory pipeline (ClassConditionalPipeline or StableDiffusionPipeline)."""
-        cond = TeacherConditioning(self.classes, self.text, self.vae, self.text_encoder, self.tokenizer)
-        return student_pipeline(self.fused_network(), self.export_scheduler(), cond)
+        return student_pipeline(self.fused_network(), self.export_scheduler(), self.conditioning)
 
     def _sample_steps(self) -> int:
         return self.cfg.sample_steps if self.final_segments == 1 else self.final_segments

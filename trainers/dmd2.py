@@ -30,7 +30,6 @@ from stepdistill.errors import ConfigError
 
 from .base import Method, Phase
 from .common import (
-    TeacherConditioning,
     adapters,
     add_lora,
     check_labels,
@@ -127,7 +126,8 @@ class DMD2Method(Method):
         self._validate(c, T)
 
         # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
-        conditioning = teacher_conditioning(pipe, run_config.teacher, "dmd2")
+        # Kept whole for the export; its modules are also registered below, once, as attributes of this Method.
+        self.conditioning = conditioning = teacher_conditioning(pipe, run_config.teacher, "dmd2")
         self.classes: ClassConditioning | None = conditioning.classes
         self.text: TextConditioning | None = conditioning.text
         self.vae, self.text_encoder = conditioning.vae, conditioning.text_encoder
@@ -397,8 +397,7 @@ class DMD2Method(Method):
 
     def pipeline(self):
         """The student as an in-memory pipeline (ClassConditionalPipeline or StableDiffusionPipeline)."""
-        cond = TeacherConditioning(self.classes, self.text, self.vae, self.text_encoder, self.tokenizer)
-        return student_pipeline(self.student.model, self.export_scheduler(), cond)
+        return student_pipeline(self.student.model, self.export_scheduler(), self.conditioning)
 
     @torch.no_grad()
     def sample_grid(self, num: int, seed: int) -> np.ndarray:

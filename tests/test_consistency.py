@@ -150,7 +150,10 @@ def test_lora_student_shares_the_teacher_network(teacher_dir):
     unet_numel = sum(p.numel() for n, p in method.student.model.named_parameters() if "lora_" not in n)
     # Exactly one copy of the network's weights (plus the adapters), and no target copy as buffers either.
     assert sum(p.numel() for n, p in method.named_parameters() if "lora_" not in n) == unet_numel
-    assert sum(b.numel() for b in method.buffers()) < 0.1 * unet_numel
+    # The EMA target holds the adapters only (as many numbers as the trainable ones), no copy of the network.
+    ema_numel = sum(b.numel() for b in method.target_adapters.buffers())
+    assert ema_numel == sum(p.numel() for p in params)
+    assert sum(b.numel() for b in method.buffers()) - ema_numel < 0.1 * unet_numel
     pristine = load_pipeline(teacher_dir).unet
     x, t, labels = torch.randn(4, 1, 16, 16), torch.tensor([10, 300, 600, 990]), torch.tensor([0, 3, 5, 10])
     cond = method.classes.cond(labels)
@@ -169,6 +172,33 @@ def test_lora_student_shares_the_teacher_network(teacher_dir):
     loss.backward()
     assert all(p.grad is None for n, p in method.student.model.named_parameters() if "lora_" not in n)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_lora_ema_target_swaps_in_averaged_adapters(teacher_dir):
+    """LoRA + target_ema_decay: the target uses an EMA of the adapter weights; the student's own weights survive."""
+    method = _method(teacher_dir, "method_args.lora_rank=4", "method_args.target_ema_decay=0.9")
+    params = method.phases()[0].params
+    ema = method.target_adapters.weights()
+    assert len(ema) == len(params) and all(torch.equal(w, p) for w, p in zip(ema, params))
+    opt = torch.optim.SGD(params, lr=0.5)
+    loss, _ = method.loss("student", digits_batch(), 0)
+    loss.backward()  # no in-place error: the target was computed before the graph through the adapters
+    opt.step()
+    w0 = [w.clone() for w in ema]
+    p1 = [p.detach().clone() for p in params]
+    assert any(not torch.equal(a, b) for a, b in zip(w0, p1))
+    method.loss("student", digits_batch(), 1)
+    for w, a, b in zip(method.target_adapters.weights(), w0, p1):
+        torch.testing.assert_close(w, 0.9 * a + 0.1 * b)
+    assert all(torch.equal(p, b) for p, b in zip(params, p1))  # trained weights restored after the swap
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([500, 900])
+    cond = method.classes.cond(torch.tensor([1, 2]))
+    with torch.no_grad():
+        online = method.student.raw(x, t, cond)
+        with method.target_adapters.swapped():
+            averaged = method.student.raw(x, t, cond)
+    assert not torch.allclose(online, averaged)
+    assert "target_adapters.w0" in method.state_dict()  # checkpointed with the method
 
 
 # --- segment targets ------------------------------------------------------------------------------------------------

@@ -70,6 +70,18 @@ def test_few_step_smoke_run_and_ttur_schedule(teacher_dir, tmp_path, timesteps):
     assert (run / "samples" / "step-7.png").is_file()
 
 
+def test_student_ema_is_exported(teacher_dir, tmp_path):
+    """train.ema_decay > 0 exports the EMA of G: same seed and steps, different exported weights, both moved."""
+    method = _method(teacher_dir)
+    assert method.ema_network() is method.student.model
+    runs = {d: train(load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=6", f"train.ema_decay={d}")),
+                     tmp_path / f"ema{d}") for d in (0.0, 0.9)}
+    raw, ema, teacher = (unet_weights(runs[0.0] / "pipeline"), unet_weights(runs[0.9] / "pipeline"),
+                         unet_weights(Path(teacher_dir)))
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    assert any(not torch.equal(ema[k], teacher[k]) for k in teacher)
+
+
 def test_fake_score_fits_fixed_student_samples(teacher_dir):
     method = _method(teacher_dir, "method_args.gan_weight_critic=0", "method_args.gan_weight_student=0",
                      "method_args.student_timesteps=[999,749,499,249]")

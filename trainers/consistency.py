@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,9 @@ class ConsistencyConfig:
     # Distance d(student, target): "huber" (LCM's elementwise pseudo-Huber sqrt((a-b)^2 + c^2) - c, mean) or "l2".
     loss: str = "huber"
     huber_c: float = 0.001
-    # EMA decay of the target network of full students (LCM: 0.95). LoRA students use themselves as the target.
+    # EMA decay of the target network (LCM: 0.95). Full students keep an EMA copy of the network; LoRA students an EMA
+    # copy of the adapter weights only (a few MB), swapped in for the target. 0 = the online student is its own
+    # target, as the LCM-LoRA reference script does; on digits16 that diverges (see the README).
     target_ema_decay: float = 0.95
     # LCM boundary scalings c_skip(t), c_out(t) (LCM: sigma_data 0.5, timestep scaling 10).
     sigma_data: float = 0.5
@@ -155,6 +158,38 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
     # The helper is an instance method that does not use the instance.
     return StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().cpu() - 1, embedding_dim=dim)
+
+
+class AdapterEMA(nn.Module):
+    """EMA copies (buffers, so they are checkpointed and never trained) of a LoRA student's adapter weights."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        super().__init__()
+        self.params = params  # a plain list: not registered, the student owns them
+        for i, p in enumerate(params):
+            self.register_buffer(f"w{i}", p.detach().clone())
+
+    def weights(self) -> list[torch.Tensor]:
+        return [getattr(self, f"w{i}") for i in range(len(self.params))]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for w, p in zip(self.weights(), self.params):
+            w.lerp_(p.detach(), 1 - decay)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The EMA weights in the adapters for the block (no gradient use), the trained ones back afterwards."""
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for w, p in zip(self.weights(), self.params):
+                p.copy_(w)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, p in zip(trained, self.params):
+                    p.copy_(t)
 
 
 def params_to_buffers(module: nn.Module) -> nn.Module:
@@ -212,9 +247,16 @@ class ConsistencyMethod(Method):
             self.student = teacher
             self._frozen_teacher: Denoiser | None = None
             self.target: Denoiser | None = None
+            # The target's adapter weights: an EMA of the student's (decay 0: the student itself).
+            self.target_adapters = (AdapterEMA([p for p in unet.parameters() if p.requires_grad])
+                                    if c.target_ema_decay > 0 else None)
+            if self.target_adapters is not None:
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self, [f"target_adapters.{n}" for n, _ in self.target_adapters.named_buffers()] + ["target_step"])
         else:
             # LCM: a full trainable copy, w-conditioned where the network takes a timestep_cond.
             self._frozen_teacher = teacher
+            self.target_adapters = None
             net = self._full_student(unet, c)
             self.student = Denoiser(net.requires_grad_(True), scheduler)
             # The EMA target as buffers: checkpointed (frozen parameters are not) and never trained.
@@ -312,10 +354,17 @@ class ConsistencyMethod(Method):
 
     @torch.no_grad()
     def update_target(self, step: int) -> None:
-        """EMA update of the target network towards the student, once per loop step (no-op for LoRA students)."""
-        if self.target is None or int(self.target_step) >= step:
+        """EMA update of the target (network, or adapter weights of a LoRA student) towards the student, once per
+        loop step; a no-op for a LoRA student that is its own target."""
+        if int(self.target_step) >= step:
             return
         d = self.cfg.target_ema_decay
+        if self.target_adapters is not None:
+            self.target_adapters.update(d)
+            self.target_step.fill_(step)
+            return
+        if self.target is None:
+            return
         # By name: the target also holds the network's own buffers, and .to() replaces buffer objects.
         target = self.target.model
         for name, p in self.student.model.named_parameters():
@@ -381,18 +430,21 @@ class ConsistencyMethod(Method):
         # 3. Per-sample guidance scale w (standard convention); a full SD student is conditioned on it.
         w = sample_guidance_scale(n, c.guidance_min, c.guidance_max, device=dev)
         s_cond = self._student_cond(cond, w)
-        # 4. The student's consistency function at x_{t_{n+k}}, with gradient.
-        pred = self.consistency_fn(self.student, x_t, t, b, s_cond)
         with torch.no_grad():
-            # 5. One teacher DDIM step with CFG at w from t_{n+k} to t_n (adapters off for a LoRA student).
+            # 4. One teacher DDIM step with CFG at w from t_{n+k} to t_n (adapters off for a LoRA student).
             g = None if c.guidance_min == c.guidance_max == 1.0 else w
             with self._adapters(False):
                 x_tn = self.teacher.solver_step(x_t, t, t_n, cond, guidance_scale=g, uncond=uncond)
-            # 6. Target G_target(x_{t_n}): the EMA network (full) or the student itself (LoRA). At t_n = b the
-            # boundary condition makes it x_{t_n} itself.
-            target = self.consistency_fn(self.target if self.target is not None else self.student, x_tn, t_n, b,
-                                         s_cond)
+            # 5. Target G_target(x_{t_n}): the EMA network (full), the student with its EMA adapter weights swapped in
+            # (LoRA), or the student itself (LoRA, decay 0). At t_n = b the boundary condition makes it x_{t_n}.
+            swap = self.target_adapters.swapped() if self.target_adapters is not None else nullcontext()
+            with swap:
+                target = self.consistency_fn(self.target if self.target is not None else self.student, x_tn, t_n,
+                                             b, s_cond)
             target = torch.where(S.expand_like(t_n == b, x_tn).bool(), x_tn, target)
+        # 6. The student's consistency function at x_{t_{n+k}}, with gradient (after the target: swapping EMA adapter
+        # weights in and out would invalidate a graph already built through them).
+        pred = self.consistency_fn(self.student, x_t, t, b, s_cond)
         # 7. Distance.
         if c.loss == "huber":
             loss = pseudo_huber(pred, target, c.huber_c)

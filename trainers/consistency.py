@@ -14,7 +14,9 @@ Variants, chosen by config:
   loop step. Its weights are *buffers* (not frozen parameters) so that the loop's checkpoints, which leave frozen
   parameters out, store them and resume is exact; DDP is told not to broadcast them (every rank computes the same EMA).
 - **LCM-LoRA** (``lora_rank > 0``): peft LoRA adapters on the teacher network itself; the teacher is that network
-  with the adapters switched off, and the target is the student itself under no grad (no EMA, no second copy).
+  with the adapters switched off; the target is the student under no grad with an EMA of its adapter weights swapped
+  in (``target_ema_decay`` > 0; the adapters alone, no second copy of the network) or, at 0, the student itself as in
+  the LCM-LoRA reference, which diverged on digits16.
 - **Multiphase** (``segments: [8, 4, 2, 1]`` with ``segment_starts: [0, a, b, c]``): the consistency target is the
   start (lower boundary) of the current segment; G maps x_t to that boundary by a DDIM step from its own x0/eps
   prediction, and the student samples in S steps with deterministic trailing DDIM.

@@ -252,9 +252,6 @@ class ConsistencyMethod(Method):
             # The target's adapter weights: an EMA of the student's (decay 0: the student itself).
             self.target_adapters = (AdapterEMA([p for p in unet.parameters() if p.requires_grad])
                                     if c.target_ema_decay > 0 else None)
-            if self.target_adapters is not None:
-                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    self, [f"target_adapters.{n}" for n, _ in self.target_adapters.named_buffers()] + ["target_step"])
         else:
             # LCM: a full trainable copy, w-conditioned where the network takes a timestep_cond.
             self._frozen_teacher = teacher
@@ -263,11 +260,12 @@ class ConsistencyMethod(Method):
             self.student = Denoiser(net.requires_grad_(True), scheduler)
             # The EMA target as buffers: checkpointed (frozen parameters are not) and never trained.
             self.target = Denoiser(params_to_buffers(copy.deepcopy(net)), scheduler)
-            names = [f"target.{n}" for n, _ in self.target.named_buffers()]
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, names + ["target_step"])
         # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.
         self.register_buffer("target_step", torch.tensor(-1, dtype=torch.long))
+        # Every rank computes the same target state: DDP must not broadcast it.
+        target_state = [n for n, _ in self.named_buffers()
+                        if n.split(".")[0] in ("target", "target_adapters", "target_step")]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, target_state)
 
     # --- construction helpers -----------------------------------------------------------------------------------
     def _validate(self, c: ConsistencyConfig, T: int) -> None:
@@ -358,19 +356,16 @@ class ConsistencyMethod(Method):
     def update_target(self, step: int) -> None:
         """EMA update of the target (network, or adapter weights of a LoRA student) towards the student, once per
         loop step; a no-op for a LoRA student that is its own target."""
-        if int(self.target_step) >= step:
+        if int(self.target_step) >= step or (self.target is None and self.target_adapters is None):
             return
         d = self.cfg.target_ema_decay
         if self.target_adapters is not None:
             self.target_adapters.update(d)
-            self.target_step.fill_(step)
-            return
-        if self.target is None:
-            return
-        # By name: the target also holds the network's own buffers, and .to() replaces buffer objects.
-        target = self.target.model
-        for name, p in self.student.model.named_parameters():
-            target.get_buffer(name).lerp_(p.detach(), 1 - d)
+        else:
+            # By name: the target also holds the network's own buffers, and .to() replaces buffer objects.
+            target = self.target.model
+            for name, p in self.student.model.named_parameters():
+                target.get_buffer(name).lerp_(p.detach(), 1 - d)
         self.target_step.fill_(step)
 
     def _student_cond(self, cond: Cond, w: torch.Tensor) -> Cond:

@@ -253,6 +253,27 @@ def test_resume_equals_uninterrupted_run(teacher_dir, tmp_path, capsys):
     assert ra == rb
 
 
+def test_student_init_copies_another_pipelines_network(teacher_dir, tmp_path):
+    # A "pre-distilled student": the teacher with every weight shifted, saved as a pipeline.
+    pipe = load_pipeline(teacher_dir)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.01)
+    pipe.save_pretrained(str(tmp_path / "init"))
+    method = _method(teacher_dir, f"method_args.student_init={tmp_path / 'init'}")
+    shifted, teacher = pipe.unet.state_dict(), method.teacher.model.state_dict()
+    for k, v in method.student.model.state_dict().items():
+        assert torch.equal(v, shifted[k]), k
+    assert not torch.equal(method.teacher.model.conv_in.weight, shifted["conv_in.weight"])
+    assert torch.equal(method.fake_score.model.conv_in.weight, teacher["conv_in.weight"])  # the fake score: teacher
+    # A network of another architecture is a one-line error naming the option.
+    other = save_class_teacher(tmp_path / "wide", channels=(16, 32))
+    with pytest.raises(ConfigError, match=r"method_args.student_init: .*does not match the teacher's architecture"):
+        _method(teacher_dir, f"method_args.student_init={other}")
+    with pytest.raises(ConfigError, match=r"method_args.student_init: pipeline folder .* does not exist"):
+        _method(teacher_dir, f"method_args.student_init={tmp_path / 'missing'}")
+
+
 def test_config_errors(teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"method_args.fake_score_lora_rank=64 .*max 8"):
         _method(teacher_dir, "method_args.fake_score_lora_rank=64")

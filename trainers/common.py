@@ -36,6 +36,25 @@ def load_teacher(run_config: Any, who: str) -> tuple[Any, Denoiser]:
     return pipe, teacher
 
 
+def init_student_weights(student: nn.Module, source: str, key: str) -> None:
+    """Copy the denoising network of pipeline ``source`` into ``student``; it must have the same architecture."""
+    from stepdistill.pipelines import load_pipeline
+
+    try:
+        other = getattr(load_pipeline(source), "unet", None)
+    except UserError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if other is None:
+        raise ConfigError(f"{key}: pipeline '{source}' has no unet to initialise the student from")
+    mine, theirs = student.state_dict(), other.state_dict()
+    bad = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    bad += [k for k in theirs if k not in mine]
+    if bad:
+        raise ConfigError(f"{key}: the network of '{source}' does not match the teacher's architecture ({len(bad)} "
+                          f"tensors differ, e.g. '{bad[0]}'); initialise from a student of the same teacher")
+    student.load_state_dict({k: v.to(mine[k].dtype) for k, v in theirs.items()})
+
+
 @dataclass
 class TeacherConditioning:
     """Class labels, or prompts through the teacher's frozen text encoder (text teachers also bring their VAE)."""

@@ -34,6 +34,7 @@ from .common import (
     add_lora,
     check_labels,
     encode_latents,
+    init_student_weights,
     load_teacher,
     student_pipeline,
     teacher_conditioning,
@@ -72,6 +73,9 @@ class DMD2Config:
     regression_weight: float = 0.0
     # Teacher DDIM steps (with CFG real_guidance) of the regression targets.
     regression_steps: int = 20
+    # Initialise the student G from another pipeline's network (alias, local folder or hub id), e.g. an exported LCM
+    # student of the same teacher; it must have the teacher network's architecture. "" = from the teacher (DMD2).
+    student_init: str = ""
     # Fake score as a LoRA of this rank on the teacher network (adapters off = teacher); 0 = a full trainable copy.
     fake_score_lora_rank: int = 0
     # LoRA alpha (scale alpha / rank); 0 = the rank (scale 1).
@@ -133,8 +137,10 @@ class DMD2Method(Method):
         self.vae, self.text_encoder = conditioning.vae, conditioning.text_encoder
         self.tokenizer = conditioning.tokenizer
 
-        # 1. The student G: a trainable copy of the teacher network.
+        # 1. The student G: a trainable copy of the teacher network (or of another pipeline's, same architecture).
         self.student = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler)
+        if c.student_init:
+            init_student_weights(self.student.model, c.student_init, "method_args.student_init")
 
         # 7. The fake score: a full trainable copy, or LoRA adapters on the teacher network (toggled off for the
         # teacher's own predictions), which keeps a single copy of the big network in memory.

@@ -120,7 +120,8 @@ def test_student_loss_moves_student_toward_the_teacher(teacher_dir):
     n = x0.shape[0]
     cond, uncond, _ = method._conditioning(batch)
     orig(cond, n, grad=False)  # replay the RNG draws of the student sample
-    t = torch.randint(20, 981, (n,))
+    c, T = method.cfg, method.teacher.num_train_timesteps
+    t = torch.randint(int(c.min_t * T), min(int(c.max_t * T) + 1, T), (n,))
     x_t = method.teacher.add_noise(x0.detach(), torch.randn_like(x0), t)
     with torch.no_grad():
         direction = method.fake_score(x_t, t, cond, "x0") - method.real_score(x_t, t, cond, uncond)

@@ -273,6 +273,16 @@ def test_student_init_copies_another_pipelines_network(teacher_dir, tmp_path):
         _method(teacher_dir, f"method_args.student_init={other}")
     with pytest.raises(ConfigError, match=r"method_args.student_init: pipeline folder .* does not exist"):
         _method(teacher_dir, f"method_args.student_init={tmp_path / 'missing'}")
+    # Same tensor shapes but another computation (a config entry differs): also refused.
+    pipe.unet.register_to_config(norm_eps=1e-3)
+    pipe.save_pretrained(str(tmp_path / "eps"))
+    with pytest.raises(ConfigError, match=r"does not match the teacher's architecture .*'norm_eps'"):
+        _method(teacher_dir, f"method_args.student_init={tmp_path / 'eps'}")
+    # A LoRA export (weights file, no pipeline) names what to do instead.
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"method_args.student_init: .* is a LoRA export; initialise from a full"):
+        _method(teacher_dir, f"method_args.student_init={tmp_path / 'lora'}")
 
 
 def test_config_errors(teacher_dir, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stepdistill.errors import UserError
+from stepdistill.errors import UserError, first_line
 
 from .inception import check_uint8_nhwc, torch_threads
 
@@ -32,7 +32,7 @@ def _load_cached(path: str, device: str):
         processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"'{path}' is not a loadable CLIP folder (needs config, weights, tokenizer and "
-                        f"preprocessor_config.json): {str(e).splitlines()[0]}") from None
+                        f"preprocessor_config.json): {first_line(e)}") from None
     return model.to(device).eval(), processor
 
 

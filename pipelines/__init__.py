@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stepdistill.errors import UserError
+from stepdistill.errors import UserError, first_line
 
 from .class_conditional import ClassConditionalPipeline, numpy_to_uint8
 
@@ -58,8 +58,7 @@ def load_pipeline(name: str, device=None, dtype=None):
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         pipe = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load pipeline '{name}': {msg}") from None
+        raise UserError(f"cannot load pipeline '{name}': {first_line(e)}") from None
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

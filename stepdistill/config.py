@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 
 @dataclass
@@ -211,8 +211,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "parse error"
-        raise ConfigError(f"config file '{p}' is not valid YAML: {first}") from None
+        raise ConfigError(f"config file '{p}' is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping of config keys")
     return data

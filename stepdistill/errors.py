@@ -11,3 +11,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data source that cannot be read or holds nothing usable."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

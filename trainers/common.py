@@ -13,7 +13,7 @@ from torch import nn
 
 from stepdistill.conditioning import ClassConditioning, TextConditioning
 from stepdistill.denoiser import Denoiser
-from stepdistill.errors import ConfigError, UserError
+from stepdistill.errors import ConfigError, UserError, first_line
 
 
 # --- the teacher ---------------------------------------------------------------------------------------------------
@@ -60,8 +60,7 @@ def init_student_weights(student: nn.Module, source: str, key: str) -> None:
     except UserError as e:
         raise ConfigError(f"{key}: {e}") from None
     except (OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{key}: cannot load the unet of '{source}': {msg}") from None
+        raise ConfigError(f"{key}: cannot load the unet of '{source}': {first_line(e)}") from None
     if other.config.get("time_cond_proj_dim") and not student.config.get("time_cond_proj_dim"):
         raise ConfigError(f"{key}: '{source}' is a guidance-conditioned student (time_cond_proj_dim="
                           f"{other.config['time_cond_proj_dim']}); initialise from one trained without a "

@@ -3,6 +3,7 @@ the batch size; class labels balanced (sample i gets class i mod num_classes).""
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 
@@ -45,6 +46,28 @@ def read_prompts(path: str | None) -> list[str] | None:
 
 
 @torch.inference_mode()
+def parse_timesteps(text: str | None, pipe) -> list[int] | None:
+    """``--timesteps 999,759,519,279`` -> a validated list for ``pipe``'s scheduler (None if not given).
+
+    LCM-type students sample at any subset of their training grid, so the timesteps are a sampling choice the
+    user may make; they must be distinct integers, descending, inside the scheduler's range, and the scheduler
+    must accept explicit timesteps (LCMScheduler, DDPMScheduler, ... do; DDIMScheduler does not).
+    """
+    if text is None:
+        return None
+    try:
+        ts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--timesteps must be a comma list of integers, e.g. 999,759,519,279; got {text!r}") from None
+    n_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= n_train or ts[-1] < 0:
+        raise UserError(f"--timesteps must be distinct and descending in [0, {n_train - 1}], got {text!r}")
+    if "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
+        raise UserError(f"{type(pipe.scheduler).__name__} does not accept explicit timesteps; drop --timesteps or "
+                        "pass --scheduler LCMScheduler (or another scheduler that takes them)")
+    return ts
+
+
 def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: int = 0, batch_size: int = 100,
              prompts: list[str] | None = None, timesteps: list[int] | None = None,
              progress: bool = True) -> dict:
@@ -67,7 +90,8 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
     out = []
     t0 = time.perf_counter()
-    for start in tqdm(range(0, num_samples, batch_size), desc=f"sampling {steps} steps", disable=not progress,
+    n_steps = len(timesteps) if timesteps else steps
+    for start in tqdm(range(0, num_samples, batch_size), desc=f"sampling {n_steps} steps", disable=not progress,
                       unit="batch"):
         idx = range(start, min(start + batch_size, num_samples))
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in idx]

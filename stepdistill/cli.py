@@ -50,18 +50,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_steps(args: argparse.Namespace) -> None:
+    """--steps N, or --timesteps T1,T2,... (then N = their number; both given must agree)."""
+    if args.timesteps is not None:
+        n = len([v for v in args.timesteps.split(",") if v.strip()])
+        if args.steps is not None and args.steps != n:
+            raise UserError(f"--steps {args.steps} disagrees with the {n} values of --timesteps; pass only one")
+        args.steps = n
+    elif args.steps is None:
+        raise UserError("sampling a pipeline needs --steps N (or --timesteps T1,T2,...)")
+
+
 # --- sample -----------------------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
-    from stepdistill.eval.generation import generate, read_prompts, save_samples, swap_scheduler
+    from stepdistill.eval.generation import generate, parse_timesteps, read_prompts, save_samples, swap_scheduler
     from stepdistill.pipelines import load_pipeline
     from stepdistill.utils import prepare_out_dir, save_grid
 
+    _check_steps(args)
     prompts = read_prompts(args.prompts)
     pipe = swap_scheduler(load_pipeline(args.pipeline, device=_device(args.device)), args.scheduler)
+    timesteps = parse_timesteps(args.timesteps, pipe)
     out = prepare_out_dir(args.out, args.overwrite)
-    res = generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, prompts=prompts)
+    res = generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, prompts=prompts,
+                   timesteps=timesteps)
     save_samples(out / "samples.npz", res, pipeline=args.pipeline, steps=args.steps, guidance=args.guidance,
-                 seed=args.seed, scheduler=type(pipe.scheduler).__name__)
+                 seed=args.seed, scheduler=type(pipe.scheduler).__name__,
+                 timesteps=",".join(map(str, timesteps or [])))
     save_grid(res["images"][:100], out / "grid.png", nrow=10)
     print(f"{args.num_samples} samples in {res['seconds']:.1f}s ({args.num_samples / res['seconds']:.1f}/s) -> "
           f"{out / 'samples.npz'}, {out / 'grid.png'}")
@@ -70,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 # --- eval -------------------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from stepdistill.eval.generation import generate, load_samples, read_prompts, save_samples, swap_scheduler
+    from stepdistill.eval import generation as gen
     from stepdistill.utils import prepare_out_dir, save_grid
 
     metrics = _parse_metrics(args.metrics)
@@ -80,20 +95,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if source.endswith(".npz"):
         if not Path(source).is_file():
             raise UserError(f"samples file '{source}' does not exist")
-        samples = load_samples(source)
+        samples = gen.load_samples(source)
         out = prepare_out_dir(args.out, args.overwrite)
     else:
         from stepdistill.pipelines import load_pipeline
 
-        if args.steps is None:
-            raise UserError("evaluating a pipeline needs --steps N (sampler steps)")
-        prompts = read_prompts(args.prompts)
-        pipe = swap_scheduler(load_pipeline(source, device=device), args.scheduler)
+        _check_steps(args)
+        prompts = gen.read_prompts(args.prompts)
+        pipe = gen.swap_scheduler(load_pipeline(source, device=device), args.scheduler)
+        timesteps = gen.parse_timesteps(args.timesteps, pipe)
         out = prepare_out_dir(args.out, args.overwrite)
-        samples = generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
-                           prompts=prompts)
-        save_samples(out / "samples.npz", samples, pipeline=source, steps=args.steps, guidance=args.guidance,
-                     seed=args.seed)
+        samples = gen.generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
+                               prompts=prompts, timesteps=timesteps)
+        ts_text = ",".join(map(str, timesteps or []))
+        gen.save_samples(out / "samples.npz", samples, pipeline=source, steps=args.steps, guidance=args.guidance,
+                         seed=args.seed, timesteps=ts_text)
+        if timesteps:
+            row["timesteps"] = ts_text
         row.update(steps=args.steps, guidance=args.guidance,
                    samples_per_s=round(len(samples["images"]) / samples["seconds"], 2))
     save_grid(samples["images"][:100], out / "grid.png", nrow=10)
@@ -181,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     t.set_defaults(func=cmd_train)
 
-    def add_gen(q: argparse.ArgumentParser, steps_required: bool) -> None:
-        q.add_argument("--steps", type=int, required=steps_required, help="sampler steps")
+    def add_gen(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--steps", type=int, help="sampler steps")
+        q.add_argument("--timesteps", help="explicit descending sampler timesteps instead of --steps, e.g. "
+                                           "999,759,519,279 (LCM students sample at any points of their grid)")
         q.add_argument("--num-samples", type=int, default=1000, help="number of samples (default 1000)")
         q.add_argument("--guidance", type=float, default=1.0, help="CFG scale, uncond + w (cond - uncond); 1 = off")
         q.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
@@ -196,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample from a pipeline",
                        description="Write OUT/samples.npz (images uint8 NHWC, labels or prompts) and OUT/grid.png.")
     s.add_argument("pipeline", help="pipeline folder, hub id or 'digits16' (the shipped teacher)")
-    add_gen(s, True)
+    add_gen(s)
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="FID / KID / FD-digits / accuracy / CLIP score",
@@ -205,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ref", default="digits16", help="digits16, a stats .npz (mu, sigma) or an image folder")
     e.add_argument("--metrics", default="fid,kid,fd_digits,accuracy", help=f"comma list of {', '.join(METRICS)}")
     e.add_argument("--clip-model", help="local CLIP model folder for the clip metric")
-    add_gen(e, False)
+    add_gen(e)
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="benchmarks: the digits16 teacher baseline, distillation reports",

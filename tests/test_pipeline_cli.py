@@ -89,6 +89,22 @@ def test_cli_sample_writes_npz_and_grid(saved_pipeline, tmp_path):
     assert (out / "samples.npz").read_bytes() == before
 
 
+def test_cli_explicit_timesteps(saved_pipeline, tmp_path):
+    # LCMScheduler's own 4-step schedule on its 50-point grid (19, 39, ..., 999) is 999, 759, 499, 259 (diffusers
+    # takes grid indices floor(linspace(0, 50, 4, endpoint=False)) from the top), so passing those explicitly must
+    # give the same images; other grid points give other images.
+    def sample(name, *extra):
+        assert main(["sample", str(saved_pipeline), "--scheduler", "LCMScheduler", "--num-samples", "4",
+                     "--out", str(tmp_path / name), *extra]) == 0
+        return load_samples(tmp_path / name / "samples.npz")["images"]
+
+    by_steps = sample("steps", "--steps", "4")
+    explicit = sample("explicit", "--timesteps", "999,759,499,259")
+    other = sample("other", "--timesteps", "999,499,199,19")
+    np.testing.assert_array_equal(by_steps, explicit)
+    assert np.abs(other.astype(int) - by_steps.astype(int)).mean() > 1
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "stepdistill", *args], capture_output=True, text=True, timeout=120)
 
@@ -99,11 +115,19 @@ def run_cli(*args):
     (["train", "teacher", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/o"], "config file"),
     (["eval", "{tmp}/missing.npz", "--out", "{tmp}/o"], "does not exist"),
     (["eval", "digits16", "--metrics", "fid,bogus", "--out", "{tmp}/o"], "unknown metric"),
+    (["sample", "digits16", "--out", "{tmp}/o"], "needs --steps N"),
+    (["sample", "digits16", "--timesteps", "999,500", "--out", "{tmp}/o"], "does not accept explicit timesteps"),
+    (["sample", "digits16", "--scheduler", "LCMScheduler", "--timesteps", "279,999", "--out", "{tmp}/o"],
+     "distinct and descending"),
+    (["sample", "digits16", "--scheduler", "LCMScheduler", "--timesteps", "999,5OO", "--out", "{tmp}/o"],
+     "comma list of integers"),
+    (["eval", "digits16", "--steps", "3", "--timesteps", "999,759,519,279", "--out", "{tmp}/o"], "disagrees"),
 ])
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, match):
     res = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    # diffusers' "Loading pipeline components" progress bar may precede the error; nothing else may
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and "Loading pipeline components" not in ln]
     assert len(lines) == 1 and match in lines[0] and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
 

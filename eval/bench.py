@@ -33,7 +33,7 @@ def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_
     values = evaluate(res["images"], res["labels"], None, ref="digits16", metrics=metrics, device=device)
     nfe = steps * (2 if guidance != 1.0 else 1)
     row = {"name": name, "steps": steps, "guidance": guidance, "nfe": nfe,
-           "samples_per_s": num_samples / res["seconds"], **values}
+           "samples_per_s": num_samples / res["seconds"], "timesteps": res["timesteps"], **values}
     return row, res["images"]
 
 
@@ -221,13 +221,15 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
                 parts.append(f"{key} {_cell(r, key)} vs {_cell(ref, key)} ({'beats or ties' if ok else 'worse'})")
         parts.append(f"{r['samples_per_s'] / ref['samples_per_s']:.1f}x faster")
         goals.append(f"- {r['name']}: " + ", ".join(parts))
+    schedules = "; ".join(f"{r['name']} {r['timesteps'] or 'scheduler rule'}" for r in rows[1 + len(teacher_steps):])
     trained = "; ".join(f"{label}: `stepdistill train {method} --config {path}` ({c.train.max_steps} steps, "
                         f"{train_seconds[label] / 60:.1f} min)" for label, path, c in cfgs)
     notes = (f"Teacher `{cfgs[0][2].teacher}`. Students: {trained}"
              f"{'; overrides ' + ' '.join(overrides) if overrides else ''}. N = {num_samples} samples per row "
              f"(equal per class, sample i from seed {seed} + i), reference = all 1797 real digits16 images; teacher "
              f"rows use CFG w = {TEACHER_GUIDANCE} (DDIM trailing), students none. Speed-up is relative to the "
-             f"teacher's 50-step CFG row, measured in this run. Total wall time {wall / 60:.1f} min.\n\n"
+             f"teacher's 50-step CFG row, measured in this run. Total wall time {wall / 60:.1f} min. Student "
+             f"timesteps: {schedules}.\n\n"
              "Student vs teacher 50-step CFG:\n" + "\n".join(goals) + "\n\nFiles: `grids_side_by_side.png`, "
              "`grid_*.png`, `losses_*.png`, one training run folder per student (its `pipeline/` is the student).")
     table = _write(out_dir, f"digits16: {method} students vs their teacher", rows, notes,

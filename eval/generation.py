@@ -71,7 +71,9 @@ def parse_timesteps(text: str | None, pipe) -> list[int] | None:
 def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: int = 0, batch_size: int = 100,
              prompts: list[str] | None = None, timesteps: list[int] | None = None,
              progress: bool = True) -> dict:
-    """Generate ``num_samples`` images; returns ``images`` (uint8 NHWC), ``labels`` or ``prompts``, ``seconds``.
+    """Generate ``num_samples`` images; returns ``images`` (uint8 NHWC), ``labels`` or ``prompts``, ``seconds`` and
+    ``timesteps`` (the explicit schedule used: ``timesteps``, else the pipeline's recorded one for ``steps``, else
+    None for the scheduler's own rule).
 
     ``seconds`` is the wall time of all network work (first batch included), so samples/second is honest
     end-to-end throughput at this batch size.
@@ -80,6 +82,10 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         raise UserError("--num-samples must be at least 1")
     if steps < 1 and timesteps is None:
         raise UserError("--steps must be at least 1")
+    if timesteps is None:  # a student's recorded schedule for this step count, if it has one
+        from stepdistill.pipelines import recorded_timesteps
+
+        timesteps = recorded_timesteps(pipe.scheduler, steps)
     kind = pipeline_kind(pipe)
     labels = None
     if kind == "class":
@@ -112,7 +118,8 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
     images = np.concatenate(out)
     if images.ndim == 3:
         images = images[..., None]
-    return {"images": images, "labels": labels, "prompts": prompts, "seconds": seconds}
+    return {"images": images, "labels": labels, "prompts": prompts, "seconds": seconds,
+            "timesteps": list(timesteps) if timesteps is not None else None}
 
 
 def save_samples(path: str | Path, result: dict, **meta) -> None:

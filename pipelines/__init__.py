@@ -14,7 +14,26 @@ ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
 ALIASES = {"digits16": "digits16_teacher"}
 OUR_PIPELINES = {"ClassConditionalPipeline": ClassConditionalPipeline}
 
-__all__ = ["ClassConditionalPipeline", "load_pipeline", "resolve_pipeline_path", "numpy_to_uint8"]
+__all__ = ["ClassConditionalPipeline", "load_pipeline", "numpy_to_uint8", "recorded_timesteps",
+           "resolve_pipeline_path"]
+
+
+def recorded_timesteps(scheduler, steps: int) -> list[int] | None:
+    """The schedule a distilled student records for ``steps``-step sampling, or None (the scheduler's own rule).
+
+    Students record ``student_timesteps`` (the trained schedule of DMD2 / multiphase students) and LCM recipes may
+    record ``sample_timesteps`` (recommended schedules, one per step count) in their scheduler config. Only used
+    with schedulers that accept explicit timesteps (a scheduler swapped in by the user may not).
+    """
+    import inspect
+
+    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+        return None
+    cfg = scheduler.config
+    for ts in [cfg.get("student_timesteps") or [], *(cfg.get("sample_timesteps") or [])]:
+        if len(ts) == steps:
+            return [int(t) for t in ts]
+    return None
 
 
 def _assets_dir() -> Path:

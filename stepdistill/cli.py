@@ -76,7 +76,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                    timesteps=timesteps)
     save_samples(out / "samples.npz", res, pipeline=args.pipeline, steps=args.steps, guidance=args.guidance,
                  seed=args.seed, scheduler=type(pipe.scheduler).__name__,
-                 timesteps=",".join(map(str, timesteps or [])))
+                 timesteps=",".join(map(str, res["timesteps"] or [])))
     save_grid(res["images"][:100], out / "grid.png", nrow=10)
     print(f"{args.num_samples} samples in {res['seconds']:.1f}s ({args.num_samples / res['seconds']:.1f}/s) -> "
           f"{out / 'samples.npz'}, {out / 'grid.png'}")
@@ -107,10 +107,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = prepare_out_dir(args.out, args.overwrite)
         samples = gen.generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
                                prompts=prompts, timesteps=timesteps)
-        ts_text = ",".join(map(str, timesteps or []))
+        ts_text = ",".join(map(str, samples["timesteps"] or []))
         gen.save_samples(out / "samples.npz", samples, pipeline=source, steps=args.steps, guidance=args.guidance,
                          seed=args.seed, timesteps=ts_text)
-        if timesteps:
+        if ts_text:
             row["timesteps"] = ts_text
         row.update(steps=args.steps, guidance=args.guidance,
                    samples_per_s=round(len(samples["images"]) / samples["seconds"], 2))

@@ -279,6 +279,24 @@ def test_export_round_trip_matches_the_consistency_function(teacher_dir, tmp_pat
         assert type(teacher.unet).__name__ == "UNet2DModel" and not any("lora" in k for k in teacher.unet.state_dict())
 
 
+def test_recorded_sample_timesteps_are_used_for_their_step_count(teacher_dir, tmp_path):
+    from stepdistill.eval.generation import generate
+
+    method = _method(teacher_dir, "method_args.sample_timesteps=[[999,699,399,119],[999,299]]")
+    method.export(tmp_path / "p")
+    pipe = load_pipeline(str(tmp_path / "p"))
+    assert pipe.scheduler.config.sample_timesteps == [[999, 699, 399, 119], [999, 299]]
+    assert "timesteps=[999, 699, 399, 119]" in (tmp_path / "p" / "README.md").read_text()
+    recorded = generate(pipe, 4, steps=4, progress=False)
+    explicit = generate(pipe, 4, steps=4, timesteps=[999, 699, 399, 119], progress=False)
+    rule = generate(pipe, 4, steps=4, timesteps=[999, 759, 499, 259], progress=False)  # LCMScheduler's own 4 steps
+    assert recorded["timesteps"] == [999, 699, 399, 119]
+    np.testing.assert_array_equal(recorded["images"], explicit["images"])
+    assert np.abs(recorded["images"].astype(int) - rule["images"].astype(int)).mean() > 0.5
+    assert generate(pipe, 2, steps=2, progress=False)["timesteps"] == [999, 299]
+    assert generate(pipe, 2, steps=3, progress=False)["timesteps"] is None  # no schedule recorded: the rule
+
+
 # --- SD-type text teacher -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory) -> str:
@@ -412,6 +430,13 @@ def test_config_errors(teacher_dir, tmp_path):
         _method(teacher_dir, "method_args.segments=[3]")
     with pytest.raises(ConfigError, match="segment_starts"):
         _method(teacher_dir, "method_args.segments=[4,2]", "method_args.segment_starts=[0]")
+    for bad_ts in ("[[999,500]]", "[[119,999]]", "[[]]"):  # off the 20k - 1 grid, ascending, empty
+        with pytest.raises(ConfigError, match="sample_timesteps: each schedule must be descending points"):
+            _method(teacher_dir, f"method_args.sample_timesteps={bad_ts}")
+    with pytest.raises(ConfigError, match="one schedule per step count"):
+        _method(teacher_dir, "method_args.sample_timesteps=[[999,499],[999,299]]")
+    with pytest.raises(ConfigError, match="one-segment"):
+        _method(teacher_dir, "method_args.segments=[4]", "method_args.sample_timesteps=[[999,499]]")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a 3\na 7\n")
     with pytest.raises(ConfigError, match="needs x0 samples"):

@@ -126,6 +126,12 @@ class ConsistencyConfig:
                                                                "a mountain landscape"])
     # Steps of the sample grids for one-segment (LCM) students (multiphase students sample in S steps).
     sample_steps: int = 4
+    # Recommended sampling schedules of a one-segment (LCM) student, one list per step count, each descending and on
+    # the DDIM grid, e.g. [[999, 699, 399, 119]]. Recorded as `sample_timesteps` in the exported scheduler config and
+    # the model card; `stepdistill sample/eval/bench` use the list whose length is the step count asked for, the
+    # scheduler's own rule otherwise. LCMScheduler's rule always ends its 4 steps near T/4 (259 here); on digits16
+    # ending at 119 halves KID (README, consistency section). [] = the scheduler's rule for every count.
+    sample_timesteps: list[list[int]] = field(default_factory=list)
 
 
 # --- pure helpers ------------------------------------------------------------------------------------------------
@@ -293,6 +299,17 @@ class ConsistencyMethod(Method):
             if s < 1 or T % s or s > c.num_ddim_timesteps:
                 raise ConfigError(f"method_args.segments: each count must divide {T} and be at most num_ddim_timesteps"
                                   f" ({c.num_ddim_timesteps}), got {s}")
+        grid = set(ddim_grid(c.num_ddim_timesteps, T).tolist())
+        for ts in c.sample_timesteps:
+            if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or not set(ts) <= grid:
+                raise ConfigError(f"method_args.sample_timesteps: each schedule must be descending points of the "
+                                  f"{c.num_ddim_timesteps}-point DDIM grid ({T // c.num_ddim_timesteps}k - 1, e.g. "
+                                  f"{T - 1}), got {list(ts)}")
+        if len({len(ts) for ts in c.sample_timesteps}) != len(c.sample_timesteps):
+            raise ConfigError("method_args.sample_timesteps: give at most one schedule per step count")
+        if c.sample_timesteps and segs[-1] != 1:
+            raise ConfigError("method_args.sample_timesteps applies to one-segment (LCM) students; a multiphase "
+                              f"student ending with {segs[-1]} segments samples at its segment starts")
 
     def _full_student(self, unet: nn.Module, c: ConsistencyConfig) -> nn.Module:
         fixed = c.guidance_min == c.guidance_max
@@ -467,7 +484,8 @@ class ConsistencyMethod(Method):
         else:
             sched = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, **common)
         sched.register_to_config(student_timesteps=self.student_timesteps(),
-                                 consistency_segments=self.final_segments)
+                                 consistency_segments=self.final_segments,
+                                 sample_timesteps=[list(map(int, ts)) for ts in self.cfg.sample_timesteps])
         return sched
 
     def fused_network(self) -> nn.Module:
@@ -487,15 +505,19 @@ class ConsistencyMethod(Method):
 
     @torch.no_grad()
     def sample_grid(self, num: int, seed: int) -> np.ndarray:
+        from stepdistill.pipelines import recorded_timesteps
+
         pipe = self.pipeline()
         steps = self._sample_steps()
+        ts = recorded_timesteps(pipe.scheduler, steps)
+        when = {"timesteps": ts} if ts else {"num_inference_steps": steps}
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
         if self.classes is not None:
             labels = torch.arange(num) % self.classes.num_classes
-            return to_uint8(pipe(labels, num_inference_steps=steps, generator=gens, output_type="pt").images)
+            return to_uint8(pipe(labels, generator=gens, output_type="pt", **when).images)
         prompts = [self.cfg.sample_prompts[i % len(self.cfg.sample_prompts)] for i in range(num)]
         w = self.cfg.guidance_max if self.w_dim else 1.0
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=w, generator=gens, output_type="np").images
+        images = pipe(prompts, guidance_scale=w, generator=gens, output_type="np", **when).images
         return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
     def export(self, out_dir: Path) -> None:
@@ -531,6 +553,10 @@ class ConsistencyMethod(Method):
         if segs == 1:
             sampler = (f"`LCMScheduler` (original_inference_steps={c.num_ddim_timesteps}): 1 step uses t = {ts}; any "
                        "step count from LCM's grid works (multi-step LCM sampling re-noises with fresh noise).")
+            if c.sample_timesteps:
+                recs = ", ".join(f"`timesteps={list(map(int, r))}`" for r in c.sample_timesteps)
+                sampler += (f" Recommended schedules (pass them as `timesteps=`; recorded as `sample_timesteps`): "
+                            f"{recs}.")
         else:
             sampler = (f"`DDIMScheduler` (trailing, deterministic): sample with `num_inference_steps={segs}`, which "
                        f"gives exactly the trained segment starts {ts}.")

@@ -142,12 +142,15 @@ def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: boo
 
 
 def _student_rows(pipe, label: str, steps_list: list[int] | None) -> list[tuple[str, int, list[int] | None]]:
-    """(row name, steps, explicit timesteps) for a student pipeline: its trained timesteps, or ``steps_list``."""
-    trained = [int(t) for t in pipe.scheduler.config.get("student_timesteps", [])] or None
+    """(row name, steps, explicit timesteps) for a student pipeline: its trained step count, or ``steps_list``.
+
+    No explicit timesteps: ``generate`` applies the student's recorded schedule for each step count (trained
+    ``student_timesteps``, recommended ``sample_timesteps``) when its pipeline and scheduler take timesteps.
+    """
     if not steps_list:
-        k = len(trained) if trained else 1
-        return [(f"{label} {k}-step", k, trained)]
-    return [(f"{label} {k}-step", k, trained if trained and k == len(trained) else None) for k in steps_list]
+        k = len(pipe.scheduler.config.get("student_timesteps") or [999])
+        return [(f"{label} {k}-step", k, None)]
+    return [(f"{label} {k}-step", k, None) for k in steps_list]
 
 
 def run_real_floor(out: str | Path, num_samples: int = 500, overwrite: bool = False, device=None, seed: int = 0,

@@ -3,7 +3,7 @@ the batch size; class labels balanced (sample i gets class i mod num_classes).""
 
 from __future__ import annotations
 
-import inspect
+import copy
 import time
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stepdistill.errors import UserError
+from stepdistill.errors import UserError, first_line
 
 
 def swap_scheduler(pipe, name: str | None):
@@ -24,7 +24,10 @@ def swap_scheduler(pipe, name: str | None):
     if cls is None or not name.endswith("Scheduler"):
         raise UserError(f"unknown scheduler '{name}' (use a diffusers class name such as DDIMScheduler, "
                         "EulerDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler)")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    # A student's recorded schedules (student_timesteps, sample_timesteps) belong to the sampler it was exported with;
+    # a scheduler the user swaps in samples by its own rule (or by --timesteps).
+    config = {k: v for k, v in pipe.scheduler.config.items() if k not in ("student_timesteps", "sample_timesteps")}
+    pipe.scheduler = cls.from_config(config)
     return pipe
 
 
@@ -45,7 +48,6 @@ def read_prompts(path: str | None) -> list[str] | None:
     return PromptFile(path).prompts
 
 
-@torch.inference_mode()
 def parse_timesteps(text: str | None, pipe) -> list[int] | None:
     """``--timesteps 999,759,519,279`` -> a validated list for ``pipe``'s scheduler (None if not given).
 
@@ -62,12 +64,20 @@ def parse_timesteps(text: str | None, pipe) -> list[int] | None:
     n_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= n_train or ts[-1] < 0:
         raise UserError(f"--timesteps must be distinct and descending in [0, {n_train - 1}], got {text!r}")
-    if "timesteps" not in inspect.signature(pipe.scheduler.set_timesteps).parameters:
-        raise UserError(f"{type(pipe.scheduler).__name__} does not accept explicit timesteps; drop --timesteps or "
-                        "pass --scheduler LCMScheduler (or another scheduler that takes them)")
+    from stepdistill.pipelines import accepts_timesteps
+
+    if not accepts_timesteps(pipe):
+        raise UserError(f"{type(pipe).__name__} with {type(pipe.scheduler).__name__} does not accept explicit "
+                        "timesteps; drop --timesteps or pass --scheduler LCMScheduler (or another scheduler that "
+                        "takes them)")
+    try:  # the scheduler's own checks (e.g. Karras sigmas refuse custom timesteps), on a copy
+        copy.deepcopy(pipe.scheduler).set_timesteps(timesteps=ts)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{type(pipe.scheduler).__name__} refuses --timesteps {text}: {first_line(e)}") from None
     return ts
 
 
+@torch.inference_mode()
 def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: int = 0, batch_size: int = 100,
              prompts: list[str] | None = None, timesteps: list[int] | None = None,
              progress: bool = True) -> dict:
@@ -85,7 +95,7 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
     if timesteps is None:  # a student's recorded schedule for this step count, if it has one
         from stepdistill.pipelines import recorded_timesteps
 
-        timesteps = recorded_timesteps(pipe.scheduler, steps)
+        timesteps = recorded_timesteps(pipe, steps)
     kind = pipeline_kind(pipe)
     labels = None
     if kind == "class":

@@ -14,23 +14,28 @@ ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
 ALIASES = {"digits16": "digits16_teacher"}
 OUR_PIPELINES = {"ClassConditionalPipeline": ClassConditionalPipeline}
 
-__all__ = ["ClassConditionalPipeline", "load_pipeline", "numpy_to_uint8", "recorded_timesteps",
+__all__ = ["ClassConditionalPipeline", "accepts_timesteps", "load_pipeline", "numpy_to_uint8", "recorded_timesteps",
            "resolve_pipeline_path"]
 
 
-def recorded_timesteps(scheduler, steps: int) -> list[int] | None:
-    """The schedule a distilled student records for ``steps``-step sampling, or None (the scheduler's own rule).
-
-    Students record ``student_timesteps`` (the trained schedule of DMD2 / multiphase students) and LCM recipes may
-    record ``sample_timesteps`` (recommended schedules, one per step count) in their scheduler config. Only used
-    with schedulers that accept explicit timesteps (a scheduler swapped in by the user may not).
-    """
+def accepts_timesteps(pipe) -> bool:
+    """Whether both the pipeline's ``__call__`` and its scheduler's ``set_timesteps`` take explicit ``timesteps``."""
     import inspect
 
-    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+    return all("timesteps" in inspect.signature(fn).parameters for fn in (pipe.__call__, pipe.scheduler.set_timesteps))
+
+
+def recorded_timesteps(pipe, steps: int) -> list[int] | None:
+    """The schedule a distilled student records for ``steps``-step sampling, or None (the scheduler's own rule).
+
+    LCM recipes may record ``sample_timesteps`` (recommended schedules, one per step count) and DMD2 students record
+    ``student_timesteps`` (their trained schedule) in the scheduler config; the former are looked up first. None
+    when the pipeline or its scheduler does not take explicit timesteps.
+    """
+    if not accepts_timesteps(pipe):
         return None
-    cfg = scheduler.config
-    for ts in [cfg.get("student_timesteps") or [], *(cfg.get("sample_timesteps") or [])]:
+    cfg = pipe.scheduler.config
+    for ts in [*(cfg.get("sample_timesteps") or []), cfg.get("student_timesteps") or []]:
         if len(ts) == steps:
             return [int(t) for t in ts]
     return None

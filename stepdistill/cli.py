@@ -78,8 +78,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                  seed=args.seed, scheduler=type(pipe.scheduler).__name__,
                  timesteps=",".join(map(str, res["timesteps"] or [])))
     save_grid(res["images"][:100], out / "grid.png", nrow=10)
-    print(f"{args.num_samples} samples in {res['seconds']:.1f}s ({args.num_samples / res['seconds']:.1f}/s) -> "
-          f"{out / 'samples.npz'}, {out / 'grid.png'}")
+    when = f"timesteps {res['timesteps']}" if res["timesteps"] else f"{args.steps} steps (scheduler's rule)"
+    print(f"{args.num_samples} samples at {when} in {res['seconds']:.1f}s ({args.num_samples / res['seconds']:.1f}/s)"
+          f" -> {out / 'samples.npz'}, {out / 'grid.png'}")
     return 0
 
 
@@ -95,6 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if source.endswith(".npz"):
         if not Path(source).is_file():
             raise UserError(f"samples file '{source}' does not exist")
+        if args.steps is not None or args.timesteps is not None:
+            raise UserError("--steps / --timesteps apply when sampling a pipeline; a samples file is evaluated as is")
         samples = gen.load_samples(source)
         out = prepare_out_dir(args.out, args.overwrite)
     else:
@@ -110,8 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ts_text = ",".join(map(str, samples["timesteps"] or []))
         gen.save_samples(out / "samples.npz", samples, pipeline=source, steps=args.steps, guidance=args.guidance,
                          seed=args.seed, timesteps=ts_text)
-        if ts_text:
-            row["timesteps"] = ts_text
+        if samples["timesteps"]:
+            row["timesteps"] = samples["timesteps"]
         row.update(steps=args.steps, guidance=args.guidance,
                    samples_per_s=round(len(samples["images"]) / samples["seconds"], 2))
     save_grid(samples["images"][:100], out / "grid.png", nrow=10)

@@ -211,7 +211,10 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{p}' is not valid YAML: {first_line(e)}") from None
+        # PyYAML's message starts with context ("while parsing a block mapping"); the problem and its line say more.
+        problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"config file '{p}' is not valid YAML: {problem or first_line(e)}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping of config keys")
     return data

@@ -126,8 +126,11 @@ def test_resume_equals_uninterrupted_run(teacher_dir, tmp_path, capsys):
     shutil.rmtree(res / "pipeline")
     (res / "checkpoints" / "latest").write_text("step-3\n")
     capsys.readouterr()
-    train(load_config(CONFIG, run_overrides(teacher_dir, *extra)), res)
+    # a different recommended sampling schedule only changes the export, so the run resumes
+    train(load_config(CONFIG, run_overrides(teacher_dir, *extra, "method_args.sample_timesteps=[[999,499]]")), res)
     assert "resuming from" in capsys.readouterr().err
+    assert json.loads((res / "pipeline" / "scheduler" / "scheduler_config.json").read_text())["sample_timesteps"] == [
+        [999, 499]]
     wa = load_file(str(ref / "checkpoints" / "step-6" / "model.safetensors"))
     wb = load_file(str(res / "checkpoints" / "step-6" / "model.safetensors"))
     assert wa.keys() == wb.keys() and "target_step" in wa and int(wa["target_step"]) == 5
@@ -280,7 +283,7 @@ def test_export_round_trip_matches_the_consistency_function(teacher_dir, tmp_pat
 
 
 def test_recorded_sample_timesteps_are_used_for_their_step_count(teacher_dir, tmp_path):
-    from stepdistill.eval.generation import generate
+    from stepdistill.eval.generation import generate, swap_scheduler
 
     method = _method(teacher_dir, "method_args.sample_timesteps=[[999,699,399,119],[999,299]]")
     method.export(tmp_path / "p")
@@ -295,6 +298,16 @@ def test_recorded_sample_timesteps_are_used_for_their_step_count(teacher_dir, tm
     assert np.abs(recorded["images"].astype(int) - rule["images"].astype(int)).mean() > 0.5
     assert generate(pipe, 2, steps=2, progress=False)["timesteps"] == [999, 299]
     assert generate(pipe, 2, steps=3, progress=False)["timesteps"] is None  # no schedule recorded: the rule
+    # A scheduler the user swaps in samples by its own rule, not by the recorded schedules.
+    swapped = swap_scheduler(load_pipeline(str(tmp_path / "p")), "EulerDiscreteScheduler")
+    assert "sample_timesteps" not in swapped.scheduler.config
+    assert generate(swapped, 2, steps=4, progress=False)["timesteps"] is None
+    # A recommended 1-step schedule wins over the trained [999]; multi-segment students record none.
+    method = _method(teacher_dir, "method_args.sample_timesteps=[[899]]")
+    method.export(tmp_path / "one")
+    assert generate(load_pipeline(str(tmp_path / "one")), 2, steps=1, progress=False)["timesteps"] == [899]
+    method = _method(teacher_dir, "method_args.segments=[4]", "method_args.sample_timesteps=[[999,499]]")
+    assert method.export_scheduler().config.sample_timesteps == []
 
 
 # --- SD-type text teacher -------------------------------------------------------------------------------------------
@@ -435,8 +448,6 @@ def test_config_errors(teacher_dir, tmp_path):
             _method(teacher_dir, f"method_args.sample_timesteps={bad_ts}")
     with pytest.raises(ConfigError, match="one schedule per step count"):
         _method(teacher_dir, "method_args.sample_timesteps=[[999,499],[999,299]]")
-    with pytest.raises(ConfigError, match="one-segment"):
-        _method(teacher_dir, "method_args.segments=[4]", "method_args.sample_timesteps=[[999,499]]")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a 3\na 7\n")
     with pytest.raises(ConfigError, match="needs x0 samples"):

@@ -209,6 +209,10 @@ def test_export_round_trip_matches_student(teacher_dir, tmp_path, timesteps):
                 x = method.student.add_noise(x0, eps, torch.full((3,), timesteps[i + 1]))
     torch.testing.assert_close(out, x0.clamp(-1, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_n, out, atol=0, rtol=0)
+    # sample/eval/bench sample the student at its trained schedule by themselves
+    from stepdistill.eval.generation import generate
+
+    assert generate(pipe, 2, steps=len(timesteps), progress=False)["timesteps"] == timesteps
 
 
 def test_two_process_run(teacher_dir, tmp_path):

@@ -127,10 +127,11 @@ class ConsistencyConfig:
     # Steps of the sample grids for one-segment (LCM) students (multiphase students sample in S steps).
     sample_steps: int = 4
     # Recommended sampling schedules of a one-segment (LCM) student, one list per step count, each descending and on
-    # the DDIM grid, e.g. [[999, 699, 399, 119]]. Recorded as `sample_timesteps` in the exported scheduler config and
+    # the DDIM grid, e.g. [[999, 699, 399, 19]]. Recorded as `sample_timesteps` in the exported scheduler config and
     # the model card; `stepdistill sample/eval/bench` use the list whose length is the step count asked for, the
-    # scheduler's own rule otherwise. LCMScheduler's rule always ends its 4 steps near T/4 (259 here); on digits16
-    # ending at 119 halves KID (README, consistency section). [] = the scheduler's rule for every count.
+    # scheduler's own rule otherwise. LCMScheduler's rule ends 4 steps at t = 259 on a 50-point grid; on digits16
+    # ending at 19 gave a much lower FID and KID (README, "Sampling schedules"). [] = the scheduler's rule for every
+    # count. Ignored (not recorded) when the student ends with several segments (it samples at the segment starts).
     sample_timesteps: list[list[int]] = field(default_factory=list)
 
 
@@ -304,12 +305,9 @@ class ConsistencyMethod(Method):
             if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or not set(ts) <= grid:
                 raise ConfigError(f"method_args.sample_timesteps: each schedule must be descending points of the "
                                   f"{c.num_ddim_timesteps}-point DDIM grid ({T // c.num_ddim_timesteps}k - 1, e.g. "
-                                  f"{T - 1}), got {list(ts)}")
+                                  f"{T - 1}), got {list(ts)}; fix it or set method_args.sample_timesteps=[]")
         if len({len(ts) for ts in c.sample_timesteps}) != len(c.sample_timesteps):
             raise ConfigError("method_args.sample_timesteps: give at most one schedule per step count")
-        if c.sample_timesteps and segs[-1] != 1:
-            raise ConfigError("method_args.sample_timesteps applies to one-segment (LCM) students; a multiphase "
-                              f"student ending with {segs[-1]} segments samples at its segment starts")
 
     def _full_student(self, unet: nn.Module, c: ConsistencyConfig) -> nn.Module:
         fixed = c.guidance_min == c.guidance_max
@@ -485,8 +483,12 @@ class ConsistencyMethod(Method):
             sched = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, **common)
         sched.register_to_config(student_timesteps=self.student_timesteps(),
                                  consistency_segments=self.final_segments,
-                                 sample_timesteps=[list(map(int, ts)) for ts in self.cfg.sample_timesteps])
+                                 sample_timesteps=[list(map(int, ts)) for ts in self.sample_schedules()])
         return sched
+
+    def sample_schedules(self) -> list[list[int]]:
+        """The recommended LCM sampling schedules the export records (none for multi-segment students)."""
+        return [list(ts) for ts in self.cfg.sample_timesteps] if self.final_segments == 1 else []
 
     def fused_network(self) -> nn.Module:
         """The student network as a plain diffusers model (LoRA adapters merged into a copy)."""
@@ -509,7 +511,7 @@ class ConsistencyMethod(Method):
 
         pipe = self.pipeline()
         steps = self._sample_steps()
-        ts = recorded_timesteps(pipe.scheduler, steps)
+        ts = recorded_timesteps(pipe, steps)
         when = {"timesteps": ts} if ts else {"num_inference_steps": steps}
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
         if self.classes is not None:
@@ -543,6 +545,8 @@ class ConsistencyMethod(Method):
         if len(c.segments) > 1 or segs > 1:
             kind += f" multiphase (segments {list(c.segments)} from steps {list(c.segment_starts)})"
         steps = c.sample_steps if segs == 1 else segs
+        rec = {len(r): list(map(int, r)) for r in self.sample_schedules()}
+        when = f"timesteps={rec[steps]}" if steps in rec else f"num_inference_steps={steps}"
         ranged = c.guidance_min < c.guidance_max
         w = f"w in [{c.guidance_min}, {c.guidance_max}]" if ranged else f"w = {c.guidance_min}"
         if self.w_dim:
@@ -553,16 +557,17 @@ class ConsistencyMethod(Method):
         if segs == 1:
             sampler = (f"`LCMScheduler` (original_inference_steps={c.num_ddim_timesteps}): 1 step uses t = {ts}; any "
                        "step count from LCM's grid works (multi-step LCM sampling re-noises with fresh noise).")
-            if c.sample_timesteps:
-                recs = ", ".join(f"`timesteps={list(map(int, r))}`" for r in c.sample_timesteps)
-                sampler += (f" Recommended schedules (pass them as `timesteps=`; recorded as `sample_timesteps`): "
+            if rec:
+                recs = ", ".join(f"`timesteps={r}`" for r in rec.values())
+                sampler += (" Recommended schedules (pass them as `timesteps=`; recorded as `sample_timesteps`, which "
+                            "`stepdistill sample/eval/bench` apply by themselves for those step counts): "
                             f"{recs}.")
         else:
             sampler = (f"`DDIMScheduler` (trailing, deterministic): sample with `num_inference_steps={segs}`, which "
                        f"gives exactly the trained segment starts {ts}.")
         if self.classes is not None:
             use = (f"pipe = load_pipeline(\"{out_dir.name}\")  # from stepdistill.pipelines\n"
-                   f"images = pipe(class_labels=[0, 1, 2], num_inference_steps={steps}).images")
+                   f"images = pipe(class_labels=[0, 1, 2], {when}).images")
             if self.lora:
                 use += ("\n# or the LoRA on the teacher:\nteacher = load_pipeline(\"digits16\")\n"
                         f"teacher.load_lora_weights(\"{out_dir.name}\")\nteacher.scheduler = "
@@ -572,10 +577,10 @@ class ConsistencyMethod(Method):
             use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{self.run_config.teacher}\")\n"
                    f"pipe.load_lora_weights(\"{out_dir.name}\")\n"
                    f"pipe.scheduler = {sched_cls}.from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")\n"
-                   f"images = pipe([\"a photo of a cat\"], num_inference_steps={steps}, guidance_scale=1.0).images")
+                   f"images = pipe([\"a photo of a cat\"], {when}, guidance_scale=1.0).images")
         else:
             use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
-                   f"images = pipe([\"a photo of a cat\"], num_inference_steps={steps}, "
+                   f"images = pipe([\"a photo of a cat\"], {when}, "
                    f"guidance_scale={c.guidance_max if self.w_dim else 1.0}).images")
         files = ("`pytorch_lora_weights.safetensors` (LoRA rank "
                  f"{c.lora_rank}, alpha {c.lora_alpha or c.lora_rank})" if self.lora else "a full pipeline")

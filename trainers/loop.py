@@ -53,7 +53,8 @@ from .base import Method, Phase
 # Samples in the periodic grid (8 x 8).
 SAMPLE_GRID_SIZE = 64
 # Config keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"train.max_steps"}
+# sample_timesteps only changes what the export records (older run folders do not have the key at all).
+RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps"}
 
 
 # --- seeds and data ----------------------------------------------------------------------------------------------

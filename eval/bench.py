@@ -141,6 +141,12 @@ def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: boo
     return rows
 
 
+def teacher_step_counts(student_steps: list[int] | None) -> tuple[int, ...]:
+    """The teacher's few-step rows of a distillation report: 4 and 1 steps, plus every step count the students are
+    sampled at (so each student row has the teacher at the same step count beside it)."""
+    return tuple(sorted({4, 1} | set(student_steps or []), reverse=True))
+
+
 def _student_rows(pipe, label: str, steps_list: list[int] | None) -> list[tuple[str, int, list[int] | None]]:
     """(row name, steps, explicit timesteps) for a student pipeline: its trained step count, or ``steps_list``.
 

@@ -183,7 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  num_samples=args.num_samples, overwrite=args.overwrite, device=device)
         return 0
     bench.run_distillation_report(method, configs, args.out, args.overrides, num_samples=args.num_samples,
-                                  overwrite=args.overwrite, device=device, student_steps=steps)
+                                  overwrite=args.overwrite, device=device, student_steps=steps,
+                                  teacher_steps=bench.teacher_step_counts(steps))
     return 0
 
 

@@ -43,6 +43,12 @@ def test_teacher_baseline_report(tiny_teacher, tmp_path, monkeypatch):
         bench.run_teacher_baseline(tmp_path / "b", num_samples=10, pipeline=tiny_teacher, metrics=["accuracy"])
 
 
+def test_teacher_rows_cover_every_student_step_count():
+    assert bench.teacher_step_counts([1, 2, 4]) == (4, 2, 1)  # the consistency bench
+    assert bench.teacher_step_counts(None) == (4, 1)  # DMD2: students at their trained step count
+    assert bench.teacher_step_counts([8, 1]) == (8, 4, 1)
+
+
 def test_distillation_report(tiny_teacher, tmp_path):
     overrides = [f"teacher={tiny_teacher}", "train.max_steps=2", "train.tracker=none", "train.log_every=1",
                  "train.checkpoint_every=0", "train.sample_every=0", "data.batch_size=4",

@@ -49,7 +49,7 @@ def read_prompts(path: str | None) -> list[str] | None:
 
 
 def parse_timesteps(text: str | None, pipe) -> list[int] | None:
-    """``--timesteps 999,759,519,279`` -> a validated list for ``pipe``'s scheduler (None if not given).
+    """``--timesteps 999,699,399,19`` -> a validated list for ``pipe``'s scheduler (None if not given).
 
     LCM-type students sample at any subset of their training grid, so the timesteps are a sampling choice the
     user may make; they must be distinct integers, descending, inside the scheduler's range, and the scheduler
@@ -60,7 +60,7 @@ def parse_timesteps(text: str | None, pipe) -> list[int] | None:
     try:
         ts = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--timesteps must be a comma list of integers, e.g. 999,759,519,279; got {text!r}") from None
+        raise UserError(f"--timesteps must be a comma list of integers, e.g. 999,699,399,19; got {text!r}") from None
     n_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= n_train or ts[-1] < 0:
         raise UserError(f"--timesteps must be distinct and descending in [0, {n_train - 1}], got {text!r}")

@@ -204,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     def add_gen(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--steps", type=int, help="sampler steps")
+        q.add_argument("--steps", type=int, help="sampler steps (a student's recorded schedule for that many steps "
+                                                 "is used if it has one)")
         q.add_argument("--timesteps", help="explicit descending sampler timesteps instead of --steps, e.g. "
-                                           "999,759,519,279 (LCM students sample at any points of their grid)")
+                                           "999,699,399,19 (LCM students sample at any points of their grid)")
         q.add_argument("--num-samples", type=int, default=1000, help="number of samples (default 1000)")
         q.add_argument("--guidance", type=float, default=1.0, help="CFG scale, uncond + w (cond - uncond); 1 = off")
         q.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")

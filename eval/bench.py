@@ -22,13 +22,13 @@ METRICS = ["fid", "kid", "fd_digits", "accuracy"]
 
 
 def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_dir: Path, seed: int = 0,
-            batch_size: int = 250, timesteps: list[int] | None = None, device=None,
-            metrics: list[str] = METRICS) -> tuple[dict, np.ndarray]:
-    """Sample one configuration, evaluate it, save its grid; returns (row, images)."""
+            batch_size: int = 250, device=None, metrics: list[str] = METRICS) -> tuple[dict, np.ndarray]:
+    """Sample one configuration (a student at its recorded schedule for ``steps``, if any), evaluate it, save its
+    grid; returns (row, images)."""
     from stepdistill.eval.generation import generate
     from stepdistill.eval.harness import evaluate
 
-    res = generate(pipe, num_samples, steps, guidance, seed, batch_size, timesteps=timesteps)
+    res = generate(pipe, num_samples, steps, guidance, seed, batch_size)
     save_grid(res["images"][:100], out_dir / f"grid_{name.replace(' ', '_')}.png", nrow=10)
     values = evaluate(res["images"], res["labels"], None, ref="digits16", metrics=metrics, device=device)
     nfe = steps * (2 if guidance != 1.0 else 1)
@@ -147,16 +147,15 @@ def teacher_step_counts(student_steps: list[int] | None) -> tuple[int, ...]:
     return tuple(sorted({4, 1} | set(student_steps or []), reverse=True))
 
 
-def _student_rows(pipe, label: str, steps_list: list[int] | None) -> list[tuple[str, int, list[int] | None]]:
-    """(row name, steps, explicit timesteps) for a student pipeline: its trained step count, or ``steps_list``.
+def _student_rows(pipe, label: str, steps_list: list[int] | None) -> list[tuple[str, int]]:
+    """(row name, steps) for a student pipeline: its trained step count, or each of ``steps_list``.
 
-    No explicit timesteps: ``generate`` applies the student's recorded schedule for each step count (trained
-    ``student_timesteps``, recommended ``sample_timesteps``) when its pipeline and scheduler take timesteps.
+    ``generate`` applies the student's recorded schedule for each step count (trained ``student_timesteps``,
+    recommended ``sample_timesteps``) when its pipeline and scheduler take timesteps.
     """
     if not steps_list:
-        k = len(pipe.scheduler.config.get("student_timesteps") or [999])
-        return [(f"{label} {k}-step", k, None)]
-    return [(f"{label} {k}-step", k, None) for k in steps_list]
+        steps_list = [len(pipe.scheduler.config.get("student_timesteps") or [999])]
+    return [(f"{label} {k}-step", k) for k in steps_list]
 
 
 def run_real_floor(out: str | Path, num_samples: int = 500, overwrite: bool = False, device=None, seed: int = 0,
@@ -212,9 +211,8 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
     teacher = load_pipeline(cfgs[0][2].teacher, device=device)
     rows, named = _teacher_rows(teacher, (50, *teacher_steps), num_samples, out_dir, seed, device, metrics)
     for label, pipe in students:
-        for name, k, ts in _student_rows(pipe, label, student_steps):
-            row, images = measure(pipe, name, k, 1.0, num_samples, out_dir, seed, timesteps=ts, device=device,
-                                  metrics=metrics)
+        for name, k in _student_rows(pipe, label, student_steps):
+            row, images = measure(pipe, name, k, 1.0, num_samples, out_dir, seed, device=device, metrics=metrics)
             row["train_minutes"] = train_seconds[label] / 60
             rows.append(row)
             named.append((name, images))
@@ -274,9 +272,9 @@ def run_training_curve(method: str, config: str, out: str | Path, milestones: li
         run = train(step_cfg, out_dir / "train")
         minutes += (time.perf_counter() - t) / 60
         student = load_pipeline(str(run / "pipeline"), device=device)
-        (name, k, ts), = _student_rows(student, f"{method} student", None)[:1]
-        row, _ = measure(student, f"{name} @ {m} steps", k, 1.0, num_samples, out_dir, seed, timesteps=ts,
-                         device=device, metrics=metrics)
+        (name, k), = _student_rows(student, f"{method} student", None)
+        row, _ = measure(student, f"{name} @ {m} steps", k, 1.0, num_samples, out_dir, seed, device=device,
+                         metrics=metrics)
         row.update(train_steps=m, train_minutes=minutes)
         rows.append(row)
         print(f"step {m}: " + ", ".join(f"{key} {_cell(row, key)}" for key in metrics), flush=True)

@@ -483,12 +483,12 @@ class ConsistencyMethod(Method):
             sched = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, **common)
         sched.register_to_config(student_timesteps=self.student_timesteps(),
                                  consistency_segments=self.final_segments,
-                                 sample_timesteps=[list(map(int, ts)) for ts in self.sample_schedules()])
+                                 sample_timesteps=self.sample_schedules())
         return sched
 
     def sample_schedules(self) -> list[list[int]]:
         """The recommended LCM sampling schedules the export records (none for multi-segment students)."""
-        return [list(ts) for ts in self.cfg.sample_timesteps] if self.final_segments == 1 else []
+        return [[int(t) for t in ts] for ts in self.cfg.sample_timesteps] if self.final_segments == 1 else []
 
     def fused_network(self) -> nn.Module:
         """The student network as a plain diffusers model (LoRA adapters merged into a copy)."""
@@ -545,7 +545,7 @@ class ConsistencyMethod(Method):
         if len(c.segments) > 1 or segs > 1:
             kind += f" multiphase (segments {list(c.segments)} from steps {list(c.segment_starts)})"
         steps = c.sample_steps if segs == 1 else segs
-        rec = {len(r): list(map(int, r)) for r in self.sample_schedules()}
+        rec = {len(r): r for r in self.sample_schedules()}
         when = f"timesteps={rec[steps]}" if steps in rec else f"num_inference_steps={steps}"
         ranged = c.guidance_min < c.guidance_max
         w = f"w in [{c.guidance_min}, {c.guidance_max}]" if ranged else f"w = {c.guidance_min}"

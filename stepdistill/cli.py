@@ -45,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, method=args.method)
     from stepdistill.trainers.loop import train
 
-    run_dir = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite)
+    run_dir = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite,
+                    allow_changes=args.allow_changes)
     print(f"run folder: {run_dir}\npipeline:   {Path(run_dir) / 'pipeline'}")
     return 0
 
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.add_argument("--no-resume", action="store_true", help="do not resume from the run folder's checkpoints")
+    t.add_argument("--allow-changes", action="store_true",
+                   help="continue the run in --out from its last checkpoint although learning rates (optim.PHASE.lr) "
+                        "or the method's loss weights / noise ranges changed, e.g. method_args.gan_weight_student "
+                        "for dmd2 (a new training stage; recorded in config_changes.jsonl)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     t.set_defaults(func=cmd_train)
 

@@ -22,7 +22,7 @@ from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
 from stepdistill.config import load_config
-from stepdistill.errors import ConfigError
+from stepdistill.errors import ConfigError, UserError
 from stepdistill.pipelines import load_pipeline
 from stepdistill.trainers import get_method
 from stepdistill.trainers.loop import train
@@ -256,6 +256,27 @@ def test_resume_equals_uninterrupted_run(teacher_dir, tmp_path, capsys):
     ra = [{k: v for k, v in r.items() if "/" in k and not k.startswith("lr/")} for r in log_rows(ref)]
     rb = [{k: v for k, v in r.items() if "/" in k and not k.startswith("lr/")} for r in log_rows(res)]
     assert ra == rb
+
+
+def test_new_stage_with_a_larger_gan_weight(teacher_dir, tmp_path):
+    """--allow-changes continues a run from its checkpoint with a new GAN weight (and refuses to drop the head)."""
+    run = tmp_path / "run"
+    train(load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=4", "train.checkpoint_every=4")), run)
+    stage = _overrides(teacher_dir, "train.max_steps=8", "method_args.gan_weight_student=0.03")
+    with pytest.raises(UserError, match="gan_weight_student: 0.003 -> 0.03.*--allow-changes"):
+        train(load_config(CONFIG, stage), run)
+    off = _overrides(teacher_dir, "train.max_steps=8", "method_args.gan_weight_student=0",
+                     "method_args.gan_weight_critic=0")
+    with pytest.raises(ConfigError, match="GAN term cannot be switched off when continuing a run"):
+        train(load_config(CONFIG, off), run, allow_changes=True)
+    train(load_config(CONFIG, stage), run, allow_changes=True)
+    rows = {r["step"]: r for r in log_rows(run)}
+    assert sorted(rows) == list(range(1, 9))
+    for step, weight in ((1, 0.003), (6, 0.03)):  # student updates before and after the change
+        r = rows[step]
+        assert r["student/loss"] == pytest.approx(r["student/dm_loss"] + weight * r["student/gan_g_loss"], rel=1e-5)
+    changes = json.loads((run / "config_changes.jsonl").read_text())
+    assert changes == {"step": 4, "changes": {"method_args.gan_weight_student": {"from": 0.003, "to": 0.03}}}
 
 
 def test_student_init_copies_another_pipelines_network(teacher_dir, tmp_path):

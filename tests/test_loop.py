@@ -245,6 +245,50 @@ def test_resume_refuses_a_different_config(reference_run):
     assert sorted(p.relative_to(reference_run) for p in reference_run.rglob("*")) == before
 
 
+def test_allow_changes_continues_with_new_learning_rates(reference_run, tmp_path, capsys):
+    # The first half of the reference run, then the second half as a new stage with both learning rates changed.
+    run = tmp_path / "run"
+    train(_cfg([f"train.max_steps={MAX_STEPS // 2}"]), run)
+    new = ["optim.student.lr=0.003", "optim.critic.lr=0.1"]
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(UserError, match=r"optim.critic.lr: 0.002 -> 0.1; optim.student.lr: 0.001 -> 0.003\); pass "
+                                        r"--allow-changes"):
+        train(_cfg(new), run)
+    with pytest.raises(UserError, match=r"different config \(seed: 3 -> 4\); cannot --resume"):
+        train(_cfg([*new, "seed=4"]), run, allow_changes=True)  # only stage keys may change, even when allowed
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    capsys.readouterr()
+    train(_cfg(new), run, allow_changes=True)
+    assert f"continuing at step {MAX_STEPS // 2} with changed settings" in capsys.readouterr().err
+    record = [json.loads(s) for s in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert record == [{"step": MAX_STEPS // 2, "changes": {"optim.critic.lr": {"from": 0.002, "to": 0.1},
+                                                           "optim.student.lr": {"from": 0.001, "to": 0.003}}}]
+    assert load_config(run / "config.yaml").optim["critic"].lr == 0.1  # later resumes compare against the new values
+    ref = {r["step"]: r for r in map(json.loads, (reference_run / "logs.jsonl").read_text().splitlines())}
+    got = {r["step"]: r for r in map(json.loads, (run / "logs.jsonl").read_text().splitlines())}
+    assert sorted(got) == sorted(ref)
+    for step in range(1, MAX_STEPS // 2 + 1):  # the first stage ran at the old rates
+        assert got[step]["lr/critic"] == ref[step]["lr/critic"] == 0.002
+    for step in range(MAX_STEPS // 2 + 1, MAX_STEPS + 1):  # the new base rates on the same schedule position
+        assert got[step]["lr/critic"] == pytest.approx(0.1)
+        assert got[step]["lr/student"] == pytest.approx(3 * ref[step]["lr/student"])  # cosine with warm-up
+    assert got[MAX_STEPS // 2 + 1]["lr/student"] > 0
+    # Resuming the finished run again with the same (new) config is a plain resume: nothing more is recorded.
+    train(_cfg(new), run)
+    assert len((run / "config_changes.jsonl").read_text().splitlines()) == 1
+
+
+def test_bookkeeping_keys_may_change_on_resume(reference_run, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg([f"train.max_steps={MAX_STEPS // 2}"]), run)
+    train(_cfg(["train.checkpoint_every=10", "train.log_every=2", "train.sample_every=20"]), run)
+    assert not (run / "config_changes.jsonl").exists()
+    steps = _logged_steps(run)
+    assert steps[: MAX_STEPS // 2] == list(range(1, MAX_STEPS // 2 + 1))  # every step before, every 2nd after
+    assert steps[MAX_STEPS // 2:] == list(range(MAX_STEPS // 2 + 2, MAX_STEPS + 1, 2))
+    assert (run / "checkpoints" / f"step-{MAX_STEPS}").is_dir()
+
+
 def test_unknown_optim_phase_is_a_user_error(tmp_path):
     cfg = _cfg()
     cfg.optim["genrator"] = from_dict(OptimConfig, {"lr": 0.1})

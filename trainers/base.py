@@ -42,11 +42,19 @@ class Method(nn.Module):
     Config: ClassVar[type] = object
     # Whether the method trains on a data source (False for data-free methods fed by a prompt file or labels only).
     needs_data: ClassVar[bool] = True
+    # method_args keys a run may change when it continues as a new stage (``train --allow-changes``): values that
+    # weigh or shape the losses but leave every checkpointed state (networks, optimizers) as it is.
+    stage_changes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, run_config: Any):
         super().__init__()
         self.run_config = run_config
         self.cfg = run_config.method_args
+
+    @classmethod
+    def check_stage_change(cls, saved: dict[str, Any], cfg: Any) -> None:
+        """Raise ConfigError if continuing a run saved with config ``saved`` (flat dotted keys) under ``cfg`` would
+        change what its checkpoints hold, although only ``stage_changes`` keys differ."""
 
     # --- what the loop asks of a method -------------------------------------------------------------------------
     def phases(self) -> list[Phase]:

@@ -119,6 +119,22 @@ class DMD2Method(Method):
 
     name = "dmd2"
     Config = DMD2Config
+    # A run may continue with new loss weights, real-score guidance and noise ranges (train --allow-changes), e.g.
+    # a larger GAN weight late in training.
+    stage_changes = ("real_guidance", "min_t", "max_t", "gan_weight_student", "gan_weight_critic",
+                     "regression_weight", "regression_steps")
+
+    @classmethod
+    def check_stage_change(cls, saved: dict, cfg) -> None:
+        # The GAN head exists (and is checkpointed) iff either GAN weight is > 0.
+        had_gan = any(float(saved.get(f"method_args.gan_weight_{w}", 0) or 0) > 0 for w in ("student", "critic"))
+        c = cfg.method_args
+        if had_gan and not (c.gan_weight_student > 0 or c.gan_weight_critic > 0):
+            raise ConfigError("the GAN term cannot be switched off when continuing a run (its head is part of the "
+                              "checkpoints): keep method_args.gan_weight_critic > 0")
+        if not had_gan and (c.gan_weight_student > 0 or c.gan_weight_critic > 0):
+            raise ConfigError("the GAN term cannot be switched on when continuing a run (its head would start "
+                              "untrained): start a new run, e.g. with method_args.student_init")
 
     def __init__(self, run_config):
         super().__init__(run_config)

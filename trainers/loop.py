@@ -8,6 +8,7 @@ Run folder::
 
     out_dir/
       config.yaml              resolved RunConfig (what resume compares against)
+      config_changes.jsonl     the settings a resumed run changed (--allow-changes), with the step (if any)
       logs.jsonl               one JSON object per logged step
       tensorboard/             accelerate tracker output (unless train.tracker == "none")
       samples/step-N.png       sample grids (every train.sample_every steps and at the end)
@@ -52,9 +53,16 @@ from .base import Method, Phase
 
 # Samples in the periodic grid (8 x 8).
 SAMPLE_GRID_SIZE = 64
-# Config keys that may change between a run and its resumption.
-# sample_timesteps only changes what the export records (older run folders do not have the key at all).
-RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps"}
+# Config keys that may change between a run and its resumption: they change no value training computes.
+# sample_timesteps only changes what the export records (older run folders do not have the key at all); the
+# bookkeeping keys change when files are written, and writing a sample grid or a log line draws no training
+# randomness (the RNGs are reseeded before every micro-batch).
+RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.log_every", "train.sample_every"}
+# A run may also continue as a new training stage (``--allow-changes``) with new learning rates (optim.PHASE.lr)
+# and new values of the keys its method lists in ``Method.stage_changes`` (loss weights, noise ranges): nothing in
+# a checkpoint depends on them. The changes are appended to the run's config_changes.jsonl.
+CHANGES_FILE = "config_changes.jsonl"
 
 
 # --- seeds and data ----------------------------------------------------------------------------------------------
@@ -155,26 +163,41 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def _config_diff(cfg: RunConfig, saved: dict) -> list[str]:
-    """Keys whose values differ between ``cfg`` and a saved config.yaml, ignoring :data:`RESUMABLE_CHANGES`."""
+def _config_diff(cfg: RunConfig, saved: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of the keys that differ, ignoring :data:`RESUMABLE_CHANGES`."""
     # Round-trip through YAML so both sides have the same types (tuples -> lists, ...).
     new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
     old = _flatten(saved)
     return [
-        f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+        (k, old.get(k, "<unset>"), new.get(k, "<unset>"))
         for k in sorted(set(new) | set(old))
         if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
     ]
 
 
-def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> str:
-    """Decide (read-only) what to do with ``out``: "fresh", "resume" or "overwrite"; raise UserError on a conflict."""
+def _shown(diff: list[tuple[str, Any, Any]]) -> str:
+    text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:3])
+    return text + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+
+
+def _stage_changeable(cfg: RunConfig, key: str) -> bool:
+    """Whether ``key`` may take a new value when the run continues as a new stage (``--allow-changes``)."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "optim" and parts[2] == "lr":
+        return True
+    return len(parts) == 2 and parts[0] == "method_args" and parts[1] in get_method(cfg.method).stage_changes
+
+
+def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
+                  allow_changes: bool = False) -> tuple[str, list[tuple[str, Any, Any]]]:
+    """Decide (read-only) what to do with ``out``: "fresh", "resume" or "overwrite", and the config changes a
+    resumed run continues with (only with ``allow_changes``); raise UserError on a conflict."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output path '{out}' is a file, not a folder")
     if not out.exists() or not any(out.iterdir()):
-        return "fresh"
+        return "fresh", []
     if overwrite:
-        return "overwrite"
+        return "overwrite", []
     cfg_file = out / "config.yaml"
     if not resume:
         raise UserError(f"output folder '{out}' already exists; pass --overwrite to replace it or --resume to "
@@ -187,11 +210,37 @@ def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> s
     except yaml.YAMLError:
         saved = {"<unreadable>": True}
     diff = _config_diff(cfg, saved)
-    if diff:
-        shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
-        raise UserError(f"output folder '{out}' holds a run with a different config ({shown}); cannot --resume it: "
-                        "pass --overwrite to replace it or choose another output folder")
-    return "resume"
+    if not diff:
+        return "resume", []
+    fixed = [d for d in diff if not _stage_changeable(cfg, d[0])]
+    if fixed:
+        raise UserError(f"output folder '{out}' holds a run with a different config ({_shown(fixed)}); cannot "
+                        "--resume it: pass --overwrite to replace it or choose another output folder")
+    if not allow_changes:
+        raise UserError(f"output folder '{out}' holds a run with a different config ({_shown(diff)}); pass "
+                        "--allow-changes to continue it with the new values from its last checkpoint, --overwrite "
+                        "to replace it, or choose another output folder")
+    get_method(cfg.method).check_stage_change(_flatten(saved), cfg)
+    return "resume", diff
+
+
+def _apply_new_lrs(changes: list[tuple[str, Any, Any]], phases: list[Phase], optim_cfgs: list[OptimConfig],
+                   schedulers: list) -> None:
+    """Give the phases whose ``optim.PHASE.lr`` changed their new base learning rate after a resume.
+
+    The restored LR scheduler state holds the old base rate (``base_lrs``), which would silently win over the
+    config; the schedule's shape (warm-up, decay, its position) is kept and only rescaled.
+    """
+    changed = {k.split(".")[1] for k, _, _ in changes if k.startswith("optim.")}
+    for phase, oc, sched in zip(phases, optim_cfgs, schedulers):
+        if phase.name not in changed:
+            continue
+        inner = getattr(sched, "scheduler", sched)  # accelerate's AcceleratedScheduler wraps a LambdaLR
+        inner.base_lrs = [oc.lr] * len(inner.base_lrs)
+        lrs = [oc.lr * lam(inner.last_epoch) for lam in inner.lr_lambdas]
+        for group, lr in zip(inner.optimizer.param_groups, lrs):
+            group["lr"], group["initial_lr"] = lr, oc.lr
+        inner._last_lr = lrs
 
 
 def _validate_phases(phases: list[Phase], cfg: RunConfig) -> list[OptimConfig]:
@@ -284,7 +333,8 @@ def _write_log_line(path: Path, row: dict[str, Any]) -> None:
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
-def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: bool = False) -> Path:
+def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: bool = False,
+          allow_changes: bool = False) -> Path:
     """Train ``cfg.method`` as configured and write the run folder (see the module docstring).
 
     Works unchanged under ``accelerate launch`` / ``torch.distributed.run`` on any number of processes: every
@@ -297,6 +347,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         resume: continue the run in ``out_dir`` if it holds one with the same config (``train.max_steps`` may
             differ), from its newest complete checkpoint.
         overwrite: delete ``out_dir`` (once the method has been built) and start afresh; wins over ``resume``.
+        allow_changes: resume even though learning rates or the method's ``stage_changes`` keys differ from the
+            run's config: continue from its last checkpoint with the new values (a new training stage, appended
+            to ``config_changes.jsonl``).
 
     Returns:
         The run folder.
@@ -316,7 +369,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     if tc.tracker not in ("tensorboard", "none"):
         raise ConfigError(f"config key 'train.tracker' must be 'tensorboard' or 'none', got {tc.tracker!r}")
     # Every process decides from the same untouched folder; nothing is written before all have decided.
-    mode = _plan_out_dir(cfg, out, resume, overwrite)
+    mode, changes = _plan_out_dir(cfg, out, resume, overwrite, allow_changes)
 
     # Same seed on every rank for construction, so all ranks build identical weights (DDP also broadcasts them).
     seed_everything(cfg.seed)
@@ -438,8 +491,14 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         start, consumed = int(state["step"]), int(state["batches_consumed"])
         if main:
             print(f"resuming from {resume_from} (step {start})", file=sys.stderr)
+        _apply_new_lrs(changes, phases, optim_cfgs, schedulers)
     if main and mode == "resume":
         _truncate_logs(log_file, start)
+    if main and changes:
+        print(f"continuing at step {start} with changed settings: {_shown(changes)}", file=sys.stderr)
+        record = {"step": start, "changes": {k: {"from": a, "to": b} for k, a, b in changes}}
+        with open(out / CHANGES_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
     accelerator.wait_for_everyone()
 
     sampler = ShardedInfiniteBatchSampler(len(dataset), dc.batch_size, cfg.seed, rank, world, start=consumed)
@@ -553,11 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="never resume a run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--allow-changes", action="store_true", help="resume with new learning rates / loss weights")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -262,8 +262,10 @@ def test_new_stage_with_a_larger_gan_weight(teacher_dir, tmp_path):
     """--allow-changes continues a run from its checkpoint with a new GAN weight (and refuses to drop the head)."""
     run = tmp_path / "run"
     train(load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=4", "train.checkpoint_every=4")), run)
-    stage = _overrides(teacher_dir, "train.max_steps=8", "method_args.gan_weight_student=0.03")
-    with pytest.raises(UserError, match="gan_weight_student: 0.003 -> 0.03.*--allow-changes"):
+    stage = _overrides(teacher_dir, "train.max_steps=8", "method_args.gan_weight_student=0.03",
+                       "method_args.fake_updates_per_student=2")
+    with pytest.raises(UserError, match="fake_updates_per_student: 5 -> 2; method_args.gan_weight_student: 0.003 "
+                                        "-> 0.03.*--allow-changes"):
         train(load_config(CONFIG, stage), run)
     off = _overrides(teacher_dir, "train.max_steps=8", "method_args.gan_weight_student=0",
                      "method_args.gan_weight_critic=0")
@@ -272,11 +274,14 @@ def test_new_stage_with_a_larger_gan_weight(teacher_dir, tmp_path):
     train(load_config(CONFIG, stage), run, allow_changes=True)
     rows = {r["step"]: r for r in log_rows(run)}
     assert sorted(rows) == list(range(1, 9))
-    for step, weight in ((1, 0.003), (6, 0.03)):  # student updates before and after the change
+    # TTUR 5 before the change (loop step 0), 2 after it (loop steps 4 and 6), logged one-based.
+    assert [s for s, r in rows.items() if "student/loss" in r] == [1, 5, 7]
+    for step, weight in ((1, 0.003), (5, 0.03), (7, 0.03)):  # student updates before and after the change
         r = rows[step]
         assert r["student/loss"] == pytest.approx(r["student/dm_loss"] + weight * r["student/gan_g_loss"], rel=1e-5)
     changes = json.loads((run / "config_changes.jsonl").read_text())
-    assert changes == {"step": 4, "changes": {"method_args.gan_weight_student": {"from": 0.003, "to": 0.03}}}
+    assert changes == {"step": 4, "changes": {"method_args.fake_updates_per_student": {"from": 5, "to": 2},
+                                              "method_args.gan_weight_student": {"from": 0.003, "to": 0.03}}}
 
 
 def test_student_init_copies_another_pipelines_network(teacher_dir, tmp_path):

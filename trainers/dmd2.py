@@ -119,10 +119,11 @@ class DMD2Method(Method):
 
     name = "dmd2"
     Config = DMD2Config
-    # A run may continue with new loss weights, real-score guidance and noise ranges (train --allow-changes), e.g.
-    # a larger GAN weight late in training.
+    # A run may continue with new loss weights, real-score guidance, noise ranges and TTUR ratio (train
+    # --allow-changes), e.g. a larger GAN weight late in training. A new TTUR ratio keeps the student's LR schedule
+    # at its position (its length is counted in student updates, so a non-constant schedule is re-stretched).
     stage_changes = ("real_guidance", "min_t", "max_t", "gan_weight_student", "gan_weight_critic",
-                     "regression_weight", "regression_steps")
+                     "regression_weight", "regression_steps", "fake_updates_per_student")
 
     @classmethod
     def check_stage_change(cls, saved: dict, cfg) -> None:

@@ -279,6 +279,12 @@ def test_new_stage_with_a_larger_gan_weight(teacher_dir, tmp_path):
     for step, weight in ((1, 0.003), (5, 0.03), (7, 0.03)):  # student updates before and after the change
         r = rows[step]
         assert r["student/loss"] == pytest.approx(r["student/dm_loss"] + weight * r["student/gan_g_loss"], rel=1e-5)
+    # A new TTUR ratio with a decaying student LR schedule would desynchronise the schedule: refused.
+    cosine = load_config(CONFIG, _overrides(teacher_dir, "optim.student.lr_schedule=cosine",
+                                            "method_args.fake_updates_per_student=2"))
+    with pytest.raises(ConfigError, match="fake_updates_per_student can change .* only with a constant student LR"):
+        get_method("dmd2").check_stage_change({"method_args.fake_updates_per_student": 5,
+                                               "method_args.gan_weight_critic": 0.01}, cosine)
     changes = json.loads((run / "config_changes.jsonl").read_text())
     assert changes == {"step": 4, "changes": {"method_args.fake_updates_per_student": {"from": 5, "to": 2},
                                               "method_args.gan_weight_student": {"from": 0.003, "to": 0.03}}}

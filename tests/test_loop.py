@@ -278,6 +278,32 @@ def test_allow_changes_continues_with_new_learning_rates(reference_run, tmp_path
     assert len((run / "config_changes.jsonl").read_text().splitlines()) == 1
 
 
+def test_new_rates_hold_after_an_interrupted_stage(tmp_path, monkeypatch):
+    """A new rate must reach the optimizer even when the checkpoint predates the stage that introduced it, and a
+    phase that trained on OptimConfig's defaults (no optim section) may get one."""
+    base = [o for o in OVERRIDES if not o.startswith("optim.critic.")]
+    run = tmp_path / "run"
+    train(load_config(None, [*base, f"train.max_steps={MAX_STEPS // 2}"]), run)
+    new = [*base, "optim.critic.lr=0.1"]
+    # The new stage writes its config but trains no step (as if killed before its first checkpoint) ...
+    train(load_config(None, [*new, f"train.max_steps={MAX_STEPS // 2}"]), run, allow_changes=True)
+    assert list(json.loads((run / "config_changes.jsonl").read_text())["changes"]) == ["optim.critic.lr"]
+    # ... then a plain resume: the checkpoint holds the old rate, the config the new one, and the config wins in
+    # the optimizer itself, from the first update on.
+    used = []
+    adamw_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        used.append([g["lr"] for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    train(load_config(None, new), run)
+    critic = [lrs for lrs in used if lrs[0] > 0.01]
+    assert len(critic) == MAX_STEPS // 2 and all(lrs == [0.1] for lrs in critic)  # every critic update, new rate
+    assert all(lrs[0] <= 0.001 for lrs in used if lrs not in critic)  # the student's unchanged cosine
+
+
 def test_bookkeeping_keys_may_change_on_resume(reference_run, tmp_path):
     run = tmp_path / "run"
     train(_cfg([f"train.max_steps={MAX_STEPS // 2}"]), run)

@@ -120,8 +120,8 @@ class DMD2Method(Method):
     name = "dmd2"
     Config = DMD2Config
     # A run may continue with new loss weights, real-score guidance, noise ranges and TTUR ratio (train
-    # --allow-changes), e.g. a larger GAN weight late in training. A new TTUR ratio keeps the student's LR schedule
-    # at its position (its length is counted in student updates, so a non-constant schedule is re-stretched).
+    # --allow-changes), e.g. a larger GAN weight late in training. A new TTUR ratio needs a constant student LR
+    # schedule: a decaying one counts student updates, and its length would no longer match its position.
     stage_changes = ("real_guidance", "min_t", "max_t", "gan_weight_student", "gan_weight_critic",
                      "regression_weight", "regression_steps", "fake_updates_per_student")
 
@@ -132,7 +132,13 @@ class DMD2Method(Method):
         c = cfg.method_args
         if had_gan and not (c.gan_weight_student > 0 or c.gan_weight_critic > 0):
             raise ConfigError("the GAN term cannot be switched off when continuing a run (its head is part of the "
-                              "checkpoints): keep method_args.gan_weight_critic > 0")
+                              "checkpoints): keep method_args.gan_weight_student or gan_weight_critic > 0")
+        ratio = saved.get("method_args.fake_updates_per_student")
+        schedule = cfg.optim["student"].lr_schedule if "student" in cfg.optim else "constant"
+        if ratio is not None and ratio != c.fake_updates_per_student and schedule != "constant":
+            raise ConfigError(f"method_args.fake_updates_per_student can change when continuing a run only with a "
+                              f"constant student LR schedule (optim.student.lr_schedule is {schedule!r}): keep "
+                              f"it at {ratio} or start a new run")
         if not had_gan and (c.gan_weight_student > 0 or c.gan_weight_critic > 0):
             raise ConfigError("the GAN term cannot be switched on when continuing a run (its head would start "
                               "untrained): start a new run, e.g. with method_args.student_init")

@@ -59,9 +59,10 @@ SAMPLE_GRID_SIZE = 64
 # randomness (the RNGs are reseeded before every micro-batch).
 RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.log_every", "train.sample_every"}
-# A run may also continue as a new training stage (``--allow-changes``) with new learning rates (optim.PHASE.lr)
-# and new values of the keys its method lists in ``Method.stage_changes`` (loss weights, noise ranges): nothing in
-# a checkpoint depends on them. The changes are appended to the run's config_changes.jsonl.
+# A run may also continue as a new training stage (``--allow-changes``) with new learning rates (optim.PHASE.lr,
+# applied to the restored LR schedulers) and new values of the keys its method lists in ``Method.stage_changes``
+# (loss weights, noise ranges): no checkpointed tensor depends on them. The changes are appended to the run's
+# config_changes.jsonl.
 CHANGES_FILE = "config_changes.jsonl"
 
 
@@ -168,10 +169,19 @@ def _config_diff(cfg: RunConfig, saved: dict) -> list[tuple[str, Any, Any]]:
     # Round-trip through YAML so both sides have the same types (tuples -> lists, ...).
     new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
     old = _flatten(saved)
+    # A phase without an optim section trains with OptimConfig's defaults: compare them, not "<unset>".
+    optim_defaults = to_dict(OptimConfig())
+
+    def value(d: dict, k: str) -> Any:
+        parts = k.split(".")
+        if k not in d and len(parts) == 3 and parts[0] == "optim" and parts[2] in optim_defaults:
+            return optim_defaults[parts[2]]
+        return d.get(k, "<unset>")
+
     return [
-        (k, old.get(k, "<unset>"), new.get(k, "<unset>"))
+        (k, value(old, k), value(new, k))
         for k in sorted(set(new) | set(old))
-        if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+        if k not in RESUMABLE_CHANGES and value(old, k) != value(new, k)
     ]
 
 
@@ -224,18 +234,18 @@ def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
     return "resume", diff
 
 
-def _apply_new_lrs(changes: list[tuple[str, Any, Any]], phases: list[Phase], optim_cfgs: list[OptimConfig],
-                   schedulers: list) -> None:
-    """Give the phases whose ``optim.PHASE.lr`` changed their new base learning rate after a resume.
+def _apply_config_lrs(optim_cfgs: list[OptimConfig], schedulers: list) -> None:
+    """After a resume, give every phase whose restored base learning rate differs from its config the new one.
 
-    The restored LR scheduler state holds the old base rate (``base_lrs``), which would silently win over the
-    config; the schedule's shape (warm-up, decay, its position) is kept and only rescaled.
+    The restored LR scheduler state holds the base rate the checkpoint was written with (``base_lrs``), which would
+    silently win over the config. This compares with the checkpoint rather than with config.yaml, so a new rate also
+    holds when the stage that introduced it was interrupted before its first checkpoint. The schedule's shape
+    (warm-up, decay, its position) is kept and only rescaled.
     """
-    changed = {k.split(".")[1] for k, _, _ in changes if k.startswith("optim.")}
-    for phase, oc, sched in zip(phases, optim_cfgs, schedulers):
-        if phase.name not in changed:
-            continue
+    for oc, sched in zip(optim_cfgs, schedulers):
         inner = getattr(sched, "scheduler", sched)  # accelerate's AcceleratedScheduler wraps a LambdaLR
+        if all(b == oc.lr for b in inner.base_lrs):
+            continue
         inner.base_lrs = [oc.lr] * len(inner.base_lrs)
         lrs = [oc.lr * lam(inner.last_epoch) for lam in inner.lr_lambdas]
         for group, lr in zip(inner.optimizer.param_groups, lrs):
@@ -344,8 +354,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     Args:
         cfg: the resolved run configuration.
         out_dir: the run folder.
-        resume: continue the run in ``out_dir`` if it holds one with the same config (``train.max_steps`` may
-            differ), from its newest complete checkpoint.
+        resume: continue the run in ``out_dir`` if it holds one with the same config (``train.max_steps`` and the
+            other :data:`RESUMABLE_CHANGES` may differ), from its newest complete checkpoint.
         overwrite: delete ``out_dir`` (once the method has been built) and start afresh; wins over ``resume``.
         allow_changes: resume even though learning rates or the method's ``stage_changes`` keys differ from the
             run's config: continue from its last checkpoint with the new values (a new training stage, appended
@@ -427,7 +437,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         out.mkdir(parents=True, exist_ok=True)
         if mode == "resume":
             ckpt.remove_partial(ckpt_dir)
-        save_config(cfg, out / "config.yaml")
+        else:
+            save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
 
     # Optimizers on the phase parameters before prepare (they are the same Parameter objects after it).
@@ -491,10 +502,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         start, consumed = int(state["step"]), int(state["batches_consumed"])
         if main:
             print(f"resuming from {resume_from} (step {start})", file=sys.stderr)
-        _apply_new_lrs(changes, phases, optim_cfgs, schedulers)
+        _apply_config_lrs(optim_cfgs, schedulers)
     if main and mode == "resume":
         _truncate_logs(log_file, start)
-    if main and changes:
+        # Only now (the checkpoint loaded): config.yaml takes the new values of a new stage.
+        save_config(cfg, out / "config.yaml")
+    if main and changes and resume_from is not None:  # without a checkpoint the run simply starts afresh
         print(f"continuing at step {start} with changed settings: {_shown(changes)}", file=sys.stderr)
         record = {"step": start, "changes": {k: {"from": a, "to": b} for k, a, b in changes}}
         with open(out / CHANGES_FILE, "a") as f:

@@ -87,3 +87,58 @@ def load_pipeline(name: str, device=None, dtype=None):
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = False) -> Path:
+    """Write a pipeline whose denoiser (``unet`` or ``transformer``) is the mean of the ``sources``' denoisers.
+
+    Averaging snapshots of one run (a post-hoc EMA, as in EDM2 or stochastic weight averaging) smooths the
+    oscillation of adversarial / distribution-matching training. Every other file is copied from the last source,
+    so recorded sampling schedules and the model card survive (re-saving the scheduler through diffusers would drop
+    the keys it does not know). Nothing is written unless every source loads and matches.
+    """
+    import shutil
+
+    import torch
+
+    from stepdistill.utils import prepare_out_dir
+
+    if len(sources) < 2:
+        raise UserError("average needs at least two pipeline folders")
+    paths = [Path(resolve_pipeline_path(s)) for s in sources]
+    if not all(p.is_dir() for p in paths):
+        raise UserError("average needs local pipeline folders (hub ids: download them first)")
+    total, net_name, ref = None, None, None
+    for src, path in zip(sources, paths):
+        pipe = load_pipeline(str(path))
+        name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+        net = getattr(pipe, name, None)
+        if net is None:
+            raise UserError(f"pipeline '{src}' has neither a unet nor a transformer to average")
+        config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
+        if ref is None:
+            net_name, ref = name, (type(net).__name__, config)
+        elif (name, (type(net).__name__, config)) != (net_name, ref):
+            raise UserError(f"pipeline '{src}' has another network than '{sources[0]}' (architecture or config): only "
+                            "snapshots of one network can be averaged")
+        state = net.state_dict()
+        if total is None:
+            total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                if v.is_floating_point():
+                    total[k] += v.double()
+    if any(Path(out).resolve() == p.resolve() for p in paths):
+        raise UserError(f"--out '{out}' is one of the pipelines to average; choose another output folder")
+    mean = {k: (v / len(paths)).to(state[k].dtype) if v.is_floating_point() else state[k] for k, v in total.items()}
+    with torch.no_grad():
+        net.load_state_dict(mean)
+    out = prepare_out_dir(out, overwrite)
+    shutil.copytree(paths[-1], out, dirs_exist_ok=True)
+    shutil.rmtree(out / net_name)  # the source's weight files (any format) give way to the averaged ones
+    net.save_pretrained(str(out / net_name), safe_serialization=True)
+    card = out / "README.md"
+    note = ("\n\nThe network's weights are the mean of these pipelines' (`stepdistill average`): "
+            + ", ".join(f"`{s}`" for s in sources) + ".\n")
+    card.write_text((card.read_text() if card.is_file() else "") + note)
+    return out

@@ -85,6 +85,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- average ----------------------------------------------------------------------------------------------------
+def cmd_average(args: argparse.Namespace) -> int:
+    from stepdistill.pipelines import average_pipelines
+
+    out = average_pipelines(args.pipelines, args.out, overwrite=args.overwrite)
+    print(f"averaged the networks of {len(args.pipelines)} pipelines -> {out}")
+    return 0
+
+
 # --- eval -------------------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from stepdistill.eval import generation as gen
@@ -228,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline", help="pipeline folder, hub id or 'digits16' (the shipped teacher)")
     add_gen(s)
     s.set_defaults(func=cmd_sample)
+
+    a = sub.add_parser("average", help="average the weights of snapshots of one student (post-hoc EMA)",
+                       description="Average the denoiser weights of several exported pipelines of the same network "
+                                   "(e.g. snapshots of one run at several steps); the other components and the model "
+                                   "card are copied from the last pipeline given.")
+    a.add_argument("pipelines", nargs="+", help="two or more local pipeline folders")
+    a.add_argument("--out", required=True, help="output pipeline folder")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    a.set_defaults(func=cmd_average)
 
     e = sub.add_parser("eval", help="FID / KID / FD-digits / accuracy / CLIP score",
                        description="Evaluate a pipeline (sampled here) or a samples.npz; writes OUT/metrics.json.")

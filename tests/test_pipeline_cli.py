@@ -166,3 +166,46 @@ def test_cli_eval_on_samples_file(tmp_path):
     save_samples(tmp_path / "wrong.npz", res)
     assert main(["eval", str(tmp_path / "wrong.npz"), "--metrics", "accuracy", "--out", str(tmp_path / "e2")]) == 0
     assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["accuracy"] < 0.2
+
+
+def test_cli_average_snapshots(tmp_path, capsys):
+    """`stepdistill average`: the network is the element-wise mean, everything else comes from the last pipeline."""
+    paths = []
+    for i, shift in enumerate((0.0, 0.3, 0.9)):
+        pipe = tiny_pipeline()
+        with torch.no_grad():
+            for p in pipe.unet.parameters():
+                p.add_(shift)
+        pipe.save_pretrained(str(tmp_path / f"s{i}"))
+        paths.append(tmp_path / f"s{i}")
+    # A key diffusers' scheduler would drop on a re-save (like a student's recorded schedules) must survive.
+    cfg_file = paths[-1] / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace("{", '{\n  "sample_timesteps": [[999, 499]],', 1))
+    assert main(["average", *map(str, paths), "--out", str(tmp_path / "avg")]) == 0
+    avg = load_pipeline(str(tmp_path / "avg")).unet.state_dict()
+    nets = [load_pipeline(str(p)).unet.state_dict() for p in paths]
+    for k, v in avg.items():
+        torch.testing.assert_close(v, (nets[0][k] + nets[1][k] + nets[2][k]) / 3)
+    assert not torch.equal(avg["conv_in.weight"], nets[2]["conv_in.weight"])
+    assert '"sample_timesteps": [[999, 499]]' in (tmp_path / "avg" / "scheduler" / "scheduler_config.json").read_text()
+    assert "stepdistill average" in (tmp_path / "avg" / "README.md").read_text()
+    # Bad input: one line, exit 2, nothing written or lost.
+    other = tmp_path / "other"
+    ClassConditionalPipeline(unet=UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                                              layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                              up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                              num_class_embeds=4),
+                             scheduler=DDIMScheduler()).save_pretrained(str(other))
+    for args, match in (([str(paths[0]), str(other)], "another network"), ([str(paths[0])], "at least two"),
+                        ([str(paths[0]), str(tmp_path / "missing")], "does not exist")):
+        capsys.readouterr()
+        assert main(["average", *args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.strip().splitlines() if ln.strip() and "Loading pipeline" not in ln]
+        assert len(lines) == 1 and match in lines[0], err
+        assert not (tmp_path / "bad").exists()
+    assert main(["average", str(paths[0]), str(paths[1]), "--out", str(paths[1]), "--overwrite"]) == 2
+    assert "is one of the pipelines" in capsys.readouterr().err
+    assert (paths[1] / "model_index.json").is_file()
+    assert main(["average", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "avg")]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -128,8 +128,9 @@ def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = Fal
             for k, v in state.items():
                 if v.is_floating_point():
                     total[k] += v.double()
-    if any(Path(out).resolve() == p.resolve() for p in paths):
-        raise UserError(f"--out '{out}' is one of the pipelines to average; choose another output folder")
+    target = Path(out).resolve()
+    if any(target == p.resolve() or target in p.resolve().parents for p in paths):
+        raise UserError(f"--out '{out}' is or contains one of the pipelines to average; choose another output folder")
     mean = {k: (v / len(paths)).to(state[k].dtype) if v.is_floating_point() else state[k] for k, v in total.items()}
     with torch.no_grad():
         net.load_state_dict(mean)

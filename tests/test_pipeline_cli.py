@@ -204,8 +204,9 @@ def test_cli_average_snapshots(tmp_path, capsys):
         lines = [ln for ln in err.strip().splitlines() if ln.strip() and "Loading pipeline" not in ln]
         assert len(lines) == 1 and match in lines[0], err
         assert not (tmp_path / "bad").exists()
-    assert main(["average", str(paths[0]), str(paths[1]), "--out", str(paths[1]), "--overwrite"]) == 2
-    assert "is one of the pipelines" in capsys.readouterr().err
-    assert (paths[1] / "model_index.json").is_file()
+    for out in (paths[1], tmp_path):  # the output folder would be emptied first: never a source or above one
+        assert main(["average", str(paths[0]), str(paths[1]), "--out", str(out), "--overwrite"]) == 2
+        assert "is or contains one of the pipelines" in capsys.readouterr().err
+        assert (paths[1] / "model_index.json").is_file()
     assert main(["average", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "avg")]) == 2
     assert "already exists" in capsys.readouterr().err

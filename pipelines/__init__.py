@@ -93,28 +93,44 @@ def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = Fal
     """Write a pipeline whose denoiser (``unet`` or ``transformer``) is the mean of the ``sources``' denoisers.
 
     Averaging snapshots of one run (a post-hoc EMA, as in EDM2 or stochastic weight averaging) smooths the
-    oscillation of adversarial / distribution-matching training. Every other file is copied from the last source,
-    so recorded sampling schedules and the model card survive (re-saving the scheduler through diffusers would drop
-    the keys it does not know). Nothing is written unless every source loads and matches.
+    oscillation of adversarial / distribution-matching training. Only the denoisers are loaded (one at a time, the
+    running sum in float32); every other file is copied from the last source, so recorded sampling schedules and the
+    model card survive (re-saving the scheduler through diffusers would drop the keys it does not know). Nothing is
+    written unless every source loads and matches.
     """
     import shutil
 
     import torch
+    from diffusers import AutoModel
 
     from stepdistill.utils import prepare_out_dir
 
     if len(sources) < 2:
         raise UserError("average needs at least two pipeline folders")
+    for src in sources:
+        if "/" in src and not Path(src).expanduser().exists():
+            raise UserError(f"pipeline folder '{src}' does not exist")
     paths = [Path(resolve_pipeline_path(s)) for s in sources]
     if not all(p.is_dir() for p in paths):
         raise UserError("average needs local pipeline folders (hub ids: download them first)")
-    total, net_name, ref = None, None, None
+    target = Path(out).resolve()
+    for p in paths:
+        if target == p.resolve() or target in p.resolve().parents or p.resolve() in target.parents:
+            raise UserError(f"--out '{out}' is, holds or lies inside one of the pipelines to average; choose another "
+                            "output folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:  # before the (possibly long) loading
+        raise UserError(f"output folder '{out}' already exists and is not empty; pass --overwrite to replace it or "
+                        "choose another --out")
+    total, net_name, ref, net, state = None, None, None, None, {}
     for src, path in zip(sources, paths):
-        pipe = load_pipeline(str(path))
-        name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-        net = getattr(pipe, name, None)
-        if net is None:
+        index = json.loads((path / "model_index.json").read_text())
+        name = "unet" if "unet" in index else "transformer" if "transformer" in index else None
+        if name is None:
             raise UserError(f"pipeline '{src}' has neither a unet nor a transformer to average")
+        try:
+            net = AutoModel.from_pretrained(str(path), subfolder=name)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the {name} of pipeline '{src}': {first_line(e)}") from None
         config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
         if ref is None:
             net_name, ref = name, (type(net).__name__, config)
@@ -123,14 +139,11 @@ def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = Fal
                             "snapshots of one network can be averaged")
         state = net.state_dict()
         if total is None:
-            total = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
+            total = {k: v.float() if v.is_floating_point() else v.clone() for k, v in state.items()}
         else:
             for k, v in state.items():
                 if v.is_floating_point():
-                    total[k] += v.double()
-    target = Path(out).resolve()
-    if any(target == p.resolve() or target in p.resolve().parents for p in paths):
-        raise UserError(f"--out '{out}' is or contains one of the pipelines to average; choose another output folder")
+                    total[k] += v.float()
     mean = {k: (v / len(paths)).to(state[k].dtype) if v.is_floating_point() else state[k] for k, v in total.items()}
     with torch.no_grad():
         net.load_state_dict(mean)
@@ -138,6 +151,8 @@ def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = Fal
     shutil.copytree(paths[-1], out, dirs_exist_ok=True)
     shutil.rmtree(out / net_name)  # the source's weight files (any format) give way to the averaged ones
     net.save_pretrained(str(out / net_name), safe_serialization=True)
+    # A LoRA student's folder also holds its adapter weights; they would contradict the averaged (fused) network.
+    (out / "pytorch_lora_weights.safetensors").unlink(missing_ok=True)
     card = out / "README.md"
     note = ("\n\nThe network's weights are the mean of these pipelines' (`stepdistill average`): "
             + ", ".join(f"`{s}`" for s in sources) + ".\n")

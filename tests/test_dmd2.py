@@ -282,7 +282,7 @@ def test_new_stage_with_a_larger_gan_weight(teacher_dir, tmp_path):
     # A new TTUR ratio with a decaying student LR schedule would desynchronise the schedule: refused.
     cosine = load_config(CONFIG, _overrides(teacher_dir, "optim.student.lr_schedule=cosine",
                                             "method_args.fake_updates_per_student=2"))
-    with pytest.raises(ConfigError, match="fake_updates_per_student can change .* only with a constant student LR"):
+    with pytest.raises(ConfigError, match=r"fake_updates_per_student can change .* only with a constant"):
         get_method("dmd2").check_stage_change({"method_args.fake_updates_per_student": 5,
                                                "method_args.gan_weight_critic": 0.01}, cosine)
     changes = json.loads((run / "config_changes.jsonl").read_text())

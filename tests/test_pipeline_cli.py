@@ -197,16 +197,17 @@ def test_cli_average_snapshots(tmp_path, capsys):
                                               num_class_embeds=4),
                              scheduler=DDIMScheduler()).save_pretrained(str(other))
     for args, match in (([str(paths[0]), str(other)], "another network"), ([str(paths[0])], "at least two"),
-                        ([str(paths[0]), str(tmp_path / "missing")], "does not exist")):
+                        ([str(paths[0]), str(tmp_path / "missing")], "does not exist"),
+                        ([str(paths[0]), "runs/missing"], "pipeline folder 'runs/missing' does not exist")):
         capsys.readouterr()
         assert main(["average", *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         lines = [ln for ln in err.strip().splitlines() if ln.strip() and "Loading pipeline" not in ln]
         assert len(lines) == 1 and match in lines[0], err
         assert not (tmp_path / "bad").exists()
-    for out in (paths[1], tmp_path):  # the output folder would be emptied first: never a source or above one
+    for out in (paths[1], tmp_path, paths[1] / "avg"):  # never a source, above one (emptied first) or inside one
         assert main(["average", str(paths[0]), str(paths[1]), "--out", str(out), "--overwrite"]) == 2
-        assert "is or contains one of the pipelines" in capsys.readouterr().err
-        assert (paths[1] / "model_index.json").is_file()
+        assert "one of the pipelines to average" in capsys.readouterr().err
+        assert (paths[1] / "model_index.json").is_file() and not (paths[1] / "avg").exists()
     assert main(["average", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "avg")]) == 2
     assert "already exists" in capsys.readouterr().err

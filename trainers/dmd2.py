@@ -24,6 +24,7 @@ from torch import nn
 
 from stepdistill import schedules as S
 from stepdistill.conditioning import ClassConditioning, Cond, TextConditioning
+from stepdistill.config import OptimConfig
 from stepdistill.data import to_uint8
 from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
@@ -134,11 +135,13 @@ class DMD2Method(Method):
             raise ConfigError("the GAN term cannot be switched off when continuing a run (its head is part of the "
                               "checkpoints): keep method_args.gan_weight_student or gan_weight_critic > 0")
         ratio = saved.get("method_args.fake_updates_per_student")
-        schedule = cfg.optim["student"].lr_schedule if "student" in cfg.optim else "constant"
-        if ratio is not None and ratio != c.fake_updates_per_student and schedule != "constant":
+        schedule = (cfg.optim["student"] if "student" in cfg.optim else OptimConfig()).lr_schedule
+        # These two do not depend on the schedule's length (warm-up counts updates from the start).
+        if ratio is not None and ratio != c.fake_updates_per_student and schedule not in ("constant",
+                                                                                         "constant_with_warmup"):
             raise ConfigError(f"method_args.fake_updates_per_student can change when continuing a run only with a "
-                              f"constant student LR schedule (optim.student.lr_schedule is {schedule!r}): keep "
-                              f"it at {ratio} or start a new run")
+                              f"constant(_with_warmup) student LR schedule (optim.student.lr_schedule is "
+                              f"{schedule!r}): keep it at {ratio} or start a new run")
         if not had_gan and (c.gan_weight_student > 0 or c.gan_weight_critic > 0):
             raise ConfigError("the GAN term cannot be switched on when continuing a run (its head would start "
                               "untrained): start a new run, e.g. with method_args.student_init")

@@ -103,24 +103,20 @@ def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = Fal
     import torch
     from diffusers import AutoModel
 
-    from stepdistill.utils import prepare_out_dir
+    from stepdistill.utils import check_out_dir, prepare_out_dir
 
     if len(sources) < 2:
         raise UserError("average needs at least two pipeline folders")
-    for src in sources:
-        if "/" in src and not Path(src).expanduser().exists():
-            raise UserError(f"pipeline folder '{src}' does not exist")
-    paths = [Path(resolve_pipeline_path(s)) for s in sources]
-    if not all(p.is_dir() for p in paths):
-        raise UserError("average needs local pipeline folders (hub ids: download them first)")
+    paths = [Path(resolve_pipeline_path(s)).resolve() for s in sources]
+    for src, path in zip(sources, paths):
+        if not path.is_dir():  # e.g. "runs/snap", which the resolver takes for a hub id
+            raise UserError(f"pipeline folder '{src}' does not exist (average needs local folders: download hub "
+                            "pipelines first)")
     target = Path(out).resolve()
-    for p in paths:
-        if target == p.resolve() or target in p.resolve().parents or p.resolve() in target.parents:
-            raise UserError(f"--out '{out}' is, holds or lies inside one of the pipelines to average; choose another "
-                            "output folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:  # before the (possibly long) loading
-        raise UserError(f"output folder '{out}' already exists and is not empty; pass --overwrite to replace it or "
-                        "choose another --out")
+    if any(target == p or target in p.parents or p in target.parents for p in paths):
+        raise UserError(f"--out '{out}' is, holds or lies inside one of the pipelines to average; choose another "
+                        "output folder")
+    check_out_dir(out, overwrite)  # before the (possibly long) loading
     total, net_name, ref, net, state = None, None, None, None, {}
     for src, path in zip(sources, paths):
         index = json.loads((path / "model_index.json").read_text())

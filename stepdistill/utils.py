@@ -38,15 +38,21 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None) -> 
     Image.fromarray(make_grid(images, nrow=nrow, upscale=upscale)).save(path)
 
 
-def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
-    """An empty output folder: an existing non-empty one is an error unless ``overwrite`` (then it is emptied)."""
+def check_out_dir(path: str | Path, overwrite: bool) -> None:
+    """Raise UserError unless :func:`prepare_out_dir` may use ``path`` (read-only: call it before long work)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"output path '{p}' exists and is not a folder")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise UserError(f"output folder '{p}' already exists and is not empty; pass --overwrite to replace it "
+                        "or choose another --out")
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:
+    """An empty output folder: an existing non-empty one is an error unless ``overwrite`` (then it is emptied)."""
+    check_out_dir(path, overwrite)
+    p = Path(path)
     if p.is_dir() and any(p.iterdir()):
-        if not overwrite:
-            raise UserError(f"output folder '{p}' already exists and is not empty; pass --overwrite to replace it "
-                            "or choose another --out")
         shutil.rmtree(p)
     p.mkdir(parents=True, exist_ok=True)
     return p

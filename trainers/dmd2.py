@@ -131,7 +131,8 @@ class DMD2Method(Method):
         # The GAN head exists (and is checkpointed) iff either GAN weight is > 0.
         had_gan = any(float(saved.get(f"method_args.gan_weight_{w}", 0) or 0) > 0 for w in ("student", "critic"))
         c = cfg.method_args
-        if had_gan and not (c.gan_weight_student > 0 or c.gan_weight_critic > 0):
+        has_gan = c.gan_weight_student > 0 or c.gan_weight_critic > 0
+        if had_gan and not has_gan:
             raise ConfigError("the GAN term cannot be switched off when continuing a run (its head is part of the "
                               "checkpoints): keep method_args.gan_weight_student or gan_weight_critic > 0")
         ratio = saved.get("method_args.fake_updates_per_student")
@@ -142,7 +143,7 @@ class DMD2Method(Method):
             raise ConfigError(f"method_args.fake_updates_per_student can change when continuing a run only with a "
                               f"constant(_with_warmup) student LR schedule (optim.student.lr_schedule is "
                               f"{schedule!r}): keep it at {ratio} or start a new run")
-        if not had_gan and (c.gan_weight_student > 0 or c.gan_weight_critic > 0):
+        if has_gan and not had_gan:
             raise ConfigError("the GAN term cannot be switched on when continuing a run (its head would start "
                               "untrained): start a new run, e.g. with method_args.student_init")
 

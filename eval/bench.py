@@ -18,6 +18,10 @@ from stepdistill.utils import make_grid, prepare_out_dir, save_grid
 # The teacher's CFG scale for every teacher row; 50 steps with CFG is its quality reference.
 TEACHER_GUIDANCE = 2.0
 TEACHER_STEPS = (50, 8, 4, 2, 1)
+# `bench teacher` also samples the teacher without CFG at this many steps: CFG trades distribution coverage for
+# sharper class-typical samples, and the unguided row shows what that costs in FID / KID (the distribution a
+# student trained with DMD2's real_guidance = 1 is matched to).
+TEACHER_UNGUIDED_STEPS = 50
 METRICS = ["fid", "kid", "fd_digits", "accuracy"]
 
 
@@ -121,7 +125,8 @@ def _teacher_rows(pipe, steps_list, num_samples: int, out_dir: Path, seed: int, 
 
 def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: bool = False, device=None,
                          pipeline: str = "digits16", seed: int = 0, metrics: list[str] = METRICS) -> list[dict]:
-    """The teacher at 50 steps with CFG and at 8/4/2/1 steps, evaluated at equal N; writes report + metrics."""
+    """The teacher at 50 steps with CFG, at 8/4/2/1 steps with CFG and at 50 steps without CFG, evaluated at equal
+    N; writes report + metrics."""
     from stepdistill.pipelines import load_pipeline
 
     _check_num_samples(num_samples)
@@ -129,10 +134,16 @@ def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: boo
     pipe = load_pipeline(pipeline, device=device)
     t0 = time.perf_counter()
     rows, named = _teacher_rows(pipe, TEACHER_STEPS, num_samples, out_dir, seed, device, metrics)
+    name = f"teacher {TEACHER_UNGUIDED_STEPS}-step no CFG"
+    row, images = measure(pipe, name, TEACHER_UNGUIDED_STEPS, 1.0, num_samples, out_dir, seed, device=device,
+                          metrics=metrics)
+    rows.append(row)
+    named.append((name, images))
     side_by_side(named, out_dir / "grids_side_by_side.png")
     wall = time.perf_counter() - t0
     notes = (f"N = {num_samples} samples per row (equal per class, sample i from seed {seed} + i), reference = all "
-             f"1797 real digits16 images, CFG w = {TEACHER_GUIDANCE} on every row, DDIM (trailing) sampler. "
+             f"1797 real digits16 images, CFG w = {TEACHER_GUIDANCE} on every row but the last (w = 1, no CFG), DDIM "
+             f"(trailing) sampler. "
              f"Wall time {wall / 60:.1f} min.")
     table = _write(out_dir, "digits16 teacher baseline", rows, notes,
                    {"num_samples": num_samples, "seed": seed, "pipeline": pipeline, "wall_seconds": wall})

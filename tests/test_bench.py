@@ -30,12 +30,14 @@ def tiny_teacher(tmp_path_factory):
 
 def test_teacher_baseline_report(tiny_teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "TEACHER_STEPS", (3, 1))
+    monkeypatch.setattr(bench, "TEACHER_UNGUIDED_STEPS", 2)
     rows = bench.run_teacher_baseline(tmp_path / "b", num_samples=10, pipeline=tiny_teacher,
                                       metrics=["fd_digits", "accuracy"])
-    assert [r["name"] for r in rows] == ["teacher 3-step", "teacher 1-step"]
-    assert [r["nfe"] for r in rows] == [6, 2]
+    assert [r["name"] for r in rows] == ["teacher 3-step", "teacher 1-step", "teacher 2-step no CFG"]
+    assert [r["nfe"] for r in rows] == [6, 2, 2]  # CFG rows cost two network calls per step, the unguided one
+    assert [r["guidance"] for r in rows] == [bench.TEACHER_GUIDANCE, bench.TEACHER_GUIDANCE, 1.0]
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert m["num_samples"] == 10 and len(m["rows"]) == 2
+    assert m["num_samples"] == 10 and len(m["rows"]) == 3
     report = (tmp_path / "b" / "report.md").read_text()
     assert "| teacher 1-step | 1 | 2 | - | - |" in report  # metrics not computed are shown as "-"
     assert (tmp_path / "b" / "grids_side_by_side.png").is_file()

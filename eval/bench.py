@@ -22,7 +22,8 @@ TEACHER_STEPS = (50, 8, 4, 2, 1)
 # sharper class-typical samples, and the unguided row shows what that costs in FID / KID (the distribution a
 # student trained with DMD2's real_guidance = 1 is matched to).
 TEACHER_UNGUIDED_STEPS = 50
-METRICS = ["fid", "kid", "fd_digits", "accuracy"]
+METRICS = ["fid", "kid", "fd_digits", "accuracy", "grain"]
+TABLE_METRICS = ("fid", "kid", "fd_digits", "accuracy", "grain")
 
 
 def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_dir: Path, seed: int = 0,
@@ -50,16 +51,18 @@ def _cell(r: dict, key: str) -> str:
         return f"{1e3 * v:.2f} ± {1e3 * r.get('kid_std', 0.0):.2f}"
     if key == "accuracy":
         return f"{100 * v:.1f}%"
+    if key == "grain":
+        return f"{1e3 * v:.1f}"
     return f"{v:.2f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
     """Rows as a GitHub markdown table; speed-up is relative to the first row."""
     ref = rows[0]["samples_per_s"]
-    lines = ["| model | steps | NFE | FID | KID x1e3 | FD-digits | accuracy | samples/s | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | steps | NFE | FID | KID x1e3 | FD-digits | accuracy | grain x1e3 | samples/s | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = " | ".join(_cell(r, k) for k in ("fid", "kid", "fd_digits", "accuracy"))
+        cells = " | ".join(_cell(r, k) for k in TABLE_METRICS)
         lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {cells} | {r['samples_per_s']:.1f} | "
                      f"{r['samples_per_s'] / ref:.1f}x |")
     return "\n".join(lines)
@@ -233,7 +236,8 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
     goals = []
     for r in rows[1 + len(teacher_steps):]:
         parts = []
-        for key, better in (("fid", "lower"), ("kid", "lower"), ("fd_digits", "lower"), ("accuracy", "higher")):
+        for key, better in (("fid", "lower"), ("kid", "lower"), ("fd_digits", "lower"), ("accuracy", "higher"),
+                            ("grain", "lower")):
             if r.get(key) is not None:
                 ok = r[key] <= ref[key] if better == "lower" else r[key] >= ref[key]
                 parts.append(f"{key} {_cell(r, key)} vs {_cell(ref, key)} ({'beats or ties' if ok else 'worse'})")
@@ -306,10 +310,11 @@ def run_training_curve(method: str, config: str, out: str | Path, milestones: li
     fig.tight_layout()
     fig.savefig(out_dir / "curve.png", dpi=110)
     plt.close(fig)
-    lines = ["| steps | training min | FID | KID x1e3 | FD-digits | accuracy |", "|---|---|---|---|---|---|"]
+    lines = ["| steps | training min | FID | KID x1e3 | FD-digits | accuracy | grain x1e3 |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['train_steps']} | {r['train_minutes']:.1f} | " +
-                     " | ".join(_cell(r, k) for k in ("fid", "kid", "fd_digits", "accuracy")) + " |")
+                     " | ".join(_cell(r, k) for k in TABLE_METRICS) + " |")
     table = "\n".join(lines)
     (out_dir / "curve.md").write_text(f"# {method}: quality vs training time\n\n`{config}`"
                                       f"{' ' + ' '.join(overrides) if overrides else ''}, N = {num_samples}.\n\n"

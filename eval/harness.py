@@ -26,7 +26,7 @@ from stepdistill.errors import UserError
 from .frechet import feature_stats, frechet_distance, kid, load_stats, load_stats_meta, rank_deficient_message
 from .inception import INCEPTION_DIM, check_uint8_nhwc, inception_features, inception_preprocessing
 
-METRICS = ("fid", "kid", "fd_digits", "accuracy", "clip")
+METRICS = ("fid", "kid", "fd_digits", "accuracy", "grain", "clip")
 # Metrics computed in Inception feature space; they share one pass over the samples.
 _INCEPTION_METRICS = {"fid", "kid"}
 _SKIP_IN_TABLE = {"preprocessing", "warning"}
@@ -157,9 +157,9 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
         if prompts is None or len(prompts) != n:
             raise UserError(f"metric 'clip' needs one prompt per sample ({n} samples, "
                             f"{0 if prompts is None else len(prompts)} prompts)")
-    digit_metrics = [m for m in metrics if m in ("fd_digits", "accuracy")]
+    digit_metrics = [m for m in metrics if m in ("fd_digits", "accuracy", "grain")]
     if digit_metrics and images.shape[1:3] != (16, 16):
-        raise UserError(f"{', '.join(digit_metrics)} use the digits16 classifier and need 16x16 samples, got "
+        raise UserError(f"{', '.join(digit_metrics)} are digits16 metrics and need 16x16 samples, got "
                         f"{images.shape[1]}x{images.shape[2]}; drop them from --metrics for other data")
     needs_ref = [m for m in metrics if m in ("fid", "kid", "fd_digits")]
     kind, ref_images, stats_path = _resolve_ref(ref, images) if needs_ref else ("none", None, None)
@@ -202,6 +202,10 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
                 result["fd_digits"] = frechet_distance(*feature_stats(f), *feature_stats(f_r))
             if "accuracy" in metrics:
                 result["accuracy"] = float((net.predict(images) == labels).mean())
+        if "grain" in metrics:
+            from .grain import grain
+
+            result["grain"] = grain(images)
         if "clip" in metrics:
             from .clip_score import clip_preprocessing, clip_score
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-METRICS = ("fid", "kid", "fd_digits", "accuracy", "clip")
+METRICS = ("fid", "kid", "fd_digits", "accuracy", "grain", "clip")
 
 
 def _device(name: str | None):
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a pipeline (sampled here) or a samples.npz; writes OUT/metrics.json.")
     e.add_argument("source", help="pipeline folder, 'digits16', or a samples .npz")
     e.add_argument("--ref", default="digits16", help="digits16, a stats .npz (mu, sigma) or an image folder")
-    e.add_argument("--metrics", default="fid,kid,fd_digits,accuracy", help=f"comma list of {', '.join(METRICS)}")
+    e.add_argument("--metrics", default="fid,kid,fd_digits,accuracy,grain", help=f"comma list of {', '.join(METRICS)}")
     e.add_argument("--clip-model", help="local CLIP model folder for the clip metric")
     add_gen(e)
     e.set_defaults(func=cmd_eval)

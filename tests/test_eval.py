@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from stepdistill.data import to_uint8
 from stepdistill.errors import UserError
 from stepdistill.eval.digits_net import digits_classifier_dir, load_digits_classifier
 from stepdistill.eval.frechet import feature_stats, frechet_distance, save_stats
@@ -204,6 +205,30 @@ def test_evaluate_digits_metrics(digits):
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].split() == ["name", "fd_digits", "accuracy", "num_samples", "num_ref"]
     assert "preprocessing" not in table
+
+
+def test_grain_is_zero_on_the_digits16_subspace_and_measures_fine_noise(digits):
+    images, _ = digits
+    real = evaluate(images, None, None, ref="digits16", metrics="grain")["grain"]
+    assert real < 2e-3  # only uint8 rounding: every real image is a bilinearly upsampled 8x8 digit
+    # Any 8x8 image upsampled the same way is on the subspace too, whatever it shows.
+    rng = np.random.default_rng(0)
+    small = torch.from_numpy(rng.uniform(-1, 1, (50, 1, 8, 8)).astype(np.float32))
+    smooth = to_uint8(torch.nn.functional.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False))
+    assert evaluate(smooth, None, None, ref="digits16", metrics="grain")["grain"] < 2e-3
+    # White pixel noise of std s (in [-1, 1] units; mid-range images, so nothing is clipped) has a fraction
+    # 192 / 256 of its energy off the 64-dim subspace: grain = s * sqrt(3 / 4) = 0.0433 for s = 0.05.
+    mid = 0.5 * small
+    x = torch.nn.functional.interpolate(mid, size=(16, 16), mode="bilinear", align_corners=False)
+    noisy = to_uint8(x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    g = evaluate(noisy, None, None, ref="digits16", metrics=["grain"])["grain"]
+    assert 0.040 < g < 0.047
+    # RGB samples are averaged to gray first; other sizes are refused.
+    rgb = np.repeat(noisy[:20], 3, axis=3)
+    assert evaluate(rgb, None, None, ref="digits16", metrics="grain")["grain"] == pytest.approx(
+        evaluate(noisy[:20], None, None, ref="digits16", metrics="grain")["grain"])
+    with pytest.raises(UserError, match="need 16x16 samples"):
+        evaluate(np.zeros((4, 32, 32, 1), np.uint8), None, None, ref="digits16", metrics=["grain"])
 
 
 def test_evaluate_image_folder_ref(digits, tmp_path):

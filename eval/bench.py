@@ -238,7 +238,7 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
         parts = []
         for key, better in (("fid", "lower"), ("kid", "lower"), ("fd_digits", "lower"), ("accuracy", "higher"),
                             ("grain", "lower")):
-            if r.get(key) is not None:
+            if r.get(key) is not None and ref.get(key) is not None:
                 ok = r[key] <= ref[key] if better == "lower" else r[key] >= ref[key]
                 parts.append(f"{key} {_cell(r, key)} vs {_cell(ref, key)} ({'beats or ties' if ok else 'worse'})")
         parts.append(f"{r['samples_per_s'] / ref['samples_per_s']:.1f}x faster")

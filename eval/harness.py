@@ -159,7 +159,7 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
                             f"{0 if prompts is None else len(prompts)} prompts)")
     digit_metrics = [m for m in metrics if m in ("fd_digits", "accuracy", "grain")]
     if digit_metrics and images.shape[1:3] != (16, 16):
-        raise UserError(f"{', '.join(digit_metrics)} are digits16 metrics and need 16x16 samples, got "
+        raise UserError(f"{', '.join(digit_metrics)}: digits16 metrics, need 16x16 samples, got "
                         f"{images.shape[1]}x{images.shape[2]}; drop them from --metrics for other data")
     needs_ref = [m for m in metrics if m in ("fid", "kid", "fd_digits")]
     kind, ref_images, stats_path = _resolve_ref(ref, images) if needs_ref else ("none", None, None)
@@ -205,6 +205,8 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
         if "grain" in metrics:
             from .grain import grain
 
+            prep["grain"] = {"input": "uint8 NHWC 16x16, RGB averaged to gray, x / 127.5 - 1",
+                             "subspace": "span of 8x8 images upsampled bilinearly (align_corners=False) to 16x16"}
             result["grain"] = grain(images)
         if "clip" in metrics:
             from .clip_score import clip_preprocessing, clip_score

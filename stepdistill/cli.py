@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a.set_defaults(func=cmd_average)
 
-    e = sub.add_parser("eval", help="FID / KID / FD-digits / accuracy / CLIP score",
+    e = sub.add_parser("eval", help="FID / KID / FD-digits / accuracy / grain / CLIP score",
                        description="Evaluate a pipeline (sampled here) or a samples.npz; writes OUT/metrics.json.")
     e.add_argument("source", help="pipeline folder, 'digits16', or a samples .npz")
     e.add_argument("--ref", default="digits16", help="digits16, a stats .npz (mu, sigma) or an image folder")
@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="benchmarks: the digits16 teacher baseline, distillation reports",
-                       description="teacher: sample the shipped digits16 teacher at 50 steps + CFG and at 8/4/2/1 "
-                                   "steps, evaluate each at equal N and print the baseline table. dmd2 / consistency: "
+                       description="teacher: sample the shipped digits16 teacher at 50 steps + CFG, at 8/4/2/1 "
+                                   "steps + CFG and at 50 steps without CFG, evaluate each at equal N and print the "
+                                   "baseline table. dmd2 / consistency: "
                                    "distill the teacher (configs/digits16_dmd2.yaml; configs/digits16_lcm*.yaml and "
                                    "digits16_multiphase.yaml), evaluate the students against the teacher at equal N, "
                                    "write report.md, metrics.json, grids and loss plots.")

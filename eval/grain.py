@@ -37,14 +37,31 @@ def _off_subspace_projector() -> np.ndarray:
     return off
 
 
-def grain(images_uint8: np.ndarray) -> float:
-    """RMS of the off-digits16-subspace part of uint8 NHWC 16x16 samples (RGB averaged to gray), in [-1, 1] units."""
+def _check(images_uint8: np.ndarray, what: str) -> np.ndarray:
     from .inception import check_uint8_nhwc
 
     images_uint8 = check_uint8_nhwc(images_uint8, "samples")
     if images_uint8.shape[1:3] != (16, 16):
-        raise UserError(f"metric 'grain' is defined for 16x16 digits16 samples, got shape {images_uint8.shape}; "
-                        "drop it from --metrics for other data")
+        raise UserError(f"{what} is defined for 16x16 digits16 samples, got shape {images_uint8.shape}; "
+                        f"drop it for other data")
+    return images_uint8
+
+
+def degrain(images_uint8: np.ndarray) -> np.ndarray:
+    """The samples with their off-subspace part removed (projected onto the digits16 subspace, RGB averaged to gray,
+    rounded back to uint8 with the input's channel count). A diagnostic, not a sampler setting: evaluating these
+    says how much of a FID gap is grain (``stepdistill eval --degrain``)."""
+    images_uint8 = _check(images_uint8, "--degrain")
+    n, h, w, ch = images_uint8.shape
+    x = images_uint8.astype(np.float64).mean(axis=3).reshape(n, -1) / 127.5 - 1.0
+    on = x - x @ _off_subspace_projector().T
+    out = np.clip(np.round((on + 1.0) * 127.5), 0, 255).astype(np.uint8).reshape(n, h, w, 1)
+    return np.repeat(out, ch, axis=3)
+
+
+def grain(images_uint8: np.ndarray) -> float:
+    """RMS of the off-digits16-subspace part of uint8 NHWC 16x16 samples (RGB averaged to gray), in [-1, 1] units."""
+    images_uint8 = _check(images_uint8, "metric 'grain'")
     x = images_uint8.astype(np.float64).mean(axis=3).reshape(len(images_uint8), -1) / 127.5 - 1.0
     off = x @ _off_subspace_projector().T
     return float(np.sqrt(np.mean(off ** 2)))

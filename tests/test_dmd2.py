@@ -131,6 +131,35 @@ def test_student_loss_moves_student_toward_the_teacher(teacher_dir):
     assert logs["dm_grad_norm"] > 0
 
 
+def test_karras_timestep_sampling_draws_from_the_grid(teacher_dir):
+    """timestep_sampling=karras: both losses draw their noise levels from the Karras grid (within min_t..max_t of
+    it for the DM term); uniform keeps drawing the timestep itself."""
+    uniform = _method(teacher_dir)
+    assert torch.equal(uniform._t_grid, torch.arange(uniform.teacher.num_train_timesteps))
+    method = _method(teacher_dir, "method_args.timestep_sampling=karras", "method_args.min_t=0.0",
+                     "method_args.max_t=0.3")
+    grid = method._t_grid
+    drawn = []
+    orig = method.teacher.add_noise
+
+    def spy(x0, eps, t):
+        drawn.append(t.clone())
+        return orig(x0, eps, t)
+
+    method.teacher.add_noise = spy
+    torch.manual_seed(0)
+    method.loss("student", digits_batch(), 0)
+    t = drawn[0]
+    assert set(t.tolist()) <= set(grid[: int(0.3 * len(grid)) + 1].tolist())
+    assert t.max() < 300  # the low 30% of the Karras grid are all low noise levels (timesteps far below 300)
+    fake_t = []
+    fake = method.fake_denoiser()
+    orig_fake = fake.add_noise
+    fake.add_noise = lambda x0, eps, t: (fake_t.append(t.clone()), orig_fake(x0, eps, t))[1]
+    method.loss("fake_score", digits_batch(), 0)
+    assert set(fake_t[0].tolist()) <= set(grid.tolist())
+
+
 def test_gan_term_on_and_off(teacher_dir):
     on = _method(teacher_dir)
     assert on.gan_head is not None
@@ -330,6 +359,8 @@ def test_config_errors(teacher_dir, tmp_path):
         _method(teacher_dir, "method_args.student_timesteps=[499,999]")
     with pytest.raises(ConfigError, match="min_t"):
         _method(teacher_dir, "method_args.min_t=0.9", "method_args.max_t=0.5")
+    with pytest.raises(ConfigError, match="timestep_sampling must be one of uniform, karras"):
+        _method(teacher_dir, "method_args.timestep_sampling=edm")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a 3\na 7\n")
     with pytest.raises(ConfigError, match="GAN term needs real images.*gan_weight_student=0"):

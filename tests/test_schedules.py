@@ -184,3 +184,23 @@ def test_consistency_scalings_boundary():
     c_skip, c_out = S.consistency_scalings(torch.tensor([0.0, 999.0]))
     assert c_skip[0] == 1 and c_out[0] == 0
     assert c_skip[1] < 1e-4 and abs(c_out[1] - 1) < 1e-4
+
+
+@pytest.mark.parametrize("schedule", ["squaredcos_cap_v2", "scaled_linear"])
+def test_karras_timestep_grid_spacing(schedule):
+    """Grid index k -> timestep whose ratio sigma/alpha is nearest to EDM's rho-7 level k (0.002 ... 80, clipped to
+    the schedule's range): ascending, ends at the ends of that range, and many more draws at low noise than uniform."""
+    ac = S.alphas_cumprod_from_config({"beta_schedule": schedule, "beta_start": 0.00085, "beta_end": 0.012,
+                                       "num_train_timesteps": 1000})
+    alpha, sigma = S.ddpm_alpha_sigma(ac, torch.arange(1000))
+    ratio = sigma / alpha
+    grid = S.karras_timestep_grid(alpha, sigma, 1000)
+    assert grid.shape == (1000,) and (grid[1:] >= grid[:-1]).all()
+    lo, hi = max(ratio.min().item(), 0.002), min(ratio.max().item(), 80.0)
+    assert grid[0] == (ratio.log() - torch.log(torch.tensor(lo, dtype=ratio.dtype))).abs().argmin()
+    assert grid[-1] == (ratio.log() - torch.log(torch.tensor(hi, dtype=ratio.dtype))).abs().argmin()
+    # The middle of the grid sits at the rho-7 midpoint of the range, ((lo^(1/7) + hi^(1/7)) / 2)^7.
+    mid = ((lo ** (1 / 7) + hi ** (1 / 7)) / 2) ** 7
+    assert abs(ratio[grid[500]].log().item() - torch.log(torch.tensor(mid)).item()) < 0.05
+    low = 0.1
+    assert (ratio[grid] < low).float().mean() > 2 * (ratio < low).float().mean()

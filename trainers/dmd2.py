@@ -49,6 +49,7 @@ _LCM_TIMESTEP_SCALING = 1e6
 # Modules the LoRA fake score adapts; those present in the teacher network are used (attention projections of
 # UNet2DModel / UNet2DConditionModel blocks and the resnet convolutions).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+TIMESTEP_SAMPLING = ("uniform", "karras")
 GAN_IMAGES_MSG = ("GAN term needs real images: set data.source to an image dataset or set "
                   "method_args.gan_weight_student=0")
 
@@ -63,6 +64,12 @@ class DMD2Config:
     # Distribution-matching noise levels t ~ U[min_t T, max_t T] (fractions of the T training timesteps).
     min_t: float = 0.02
     max_t: float = 0.98
+    # How noise levels are drawn, for the DM gradient and the fake score's denoising loss: "uniform" draws the
+    # timestep index uniformly (DMD2's Stable Diffusion code); "karras" draws an index uniformly from T noise levels
+    # spaced as Karras et al. (rho 7) between the teacher's smallest and largest, mapped to the nearest timesteps
+    # (DMD2's pixel-space EDM code), which puts several times more draws on the low noise levels that remove fine
+    # grain from samples. min_t / max_t are then fractions of that grid.
+    timestep_sampling: str = "uniform"
     # Two time-scale update rule: fake-score updates per student update (the student phase runs every k steps).
     fake_updates_per_student: int = 5
     # GAN term weights (0 = off): student loss softplus(-D(fake)), critic loss softplus(-D(real)) + softplus(D(fake)).
@@ -123,8 +130,8 @@ class DMD2Method(Method):
     # A run may continue with new loss weights, real-score guidance, noise ranges and TTUR ratio (train
     # --allow-changes), e.g. a larger GAN weight late in training. A new TTUR ratio needs a constant student LR
     # schedule: a decaying one counts student updates, and its length would no longer match its position.
-    stage_changes = ("real_guidance", "min_t", "max_t", "gan_weight_student", "gan_weight_critic",
-                     "regression_weight", "regression_steps", "fake_updates_per_student")
+    stage_changes = ("real_guidance", "min_t", "max_t", "timestep_sampling", "gan_weight_student",
+                     "gan_weight_critic", "regression_weight", "regression_steps", "fake_updates_per_student")
 
     @classmethod
     def check_stage_change(cls, saved: dict, cfg) -> None:
@@ -155,6 +162,10 @@ class DMD2Method(Method):
         self.scheduler = scheduler
         T = self.teacher.num_train_timesteps
         self._validate(c, T)
+        # Timestep drawn for grid index k (k uniform): the identity, or the Karras-spaced grid.
+        all_t = torch.arange(T)
+        self.register_buffer("_t_grid", all_t if c.timestep_sampling == "uniform" else
+                             S.karras_timestep_grid(*self.teacher.alpha_sigma(all_t), T), persistent=False)
 
         # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
         # Kept whole for the export; its modules are also registered below, once, as attributes of this Method.
@@ -212,6 +223,9 @@ class DMD2Method(Method):
             raise ConfigError("method_args.regression_steps and gan_head_channels must be >= 1")
         if c.real_guidance <= 0:
             raise ConfigError("method_args.real_guidance must be > 0 (1 = no CFG)")
+        if c.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ConfigError(f"method_args.timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, got "
+                              f"{c.timestep_sampling!r}")
 
     def _capture_mid(self, module: nn.Module, args, output) -> None:
         self._captured["mid"] = output[0] if isinstance(output, tuple) else output
@@ -343,9 +357,9 @@ class DMD2Method(Method):
         T = self.teacher.num_train_timesteps
         # 1. Student samples x0_g (1 step, or one grad step after a backward-simulated prefix).
         x0_g = self.generate(cond, n, grad=True)
-        # 2. Re-noise to t ~ U[min_t T, max_t T].
+        # 2. Re-noise to t ~ U[min_t T, max_t T] (indices into the timestep grid, see timestep_sampling).
         lo, hi = int(c.min_t * T), min(int(c.max_t * T) + 1, T)
-        t = torch.randint(lo, max(hi, lo + 1), (n,), device=x0_g.device)
+        t = self._t_grid[torch.randint(lo, max(hi, lo + 1), (n,), device=self._t_grid.device)].to(x0_g.device)
         # The GAN term needs a path from x0_g through the fake score's features; the DM term does not.
         x_t = self.teacher.add_noise(x0_g if self.gan_head is not None else x0_g.detach(), torch.randn_like(x0_g), t)
         # 3. Real score (teacher with CFG) and fake score (no CFG). The teacher runs first: with a LoRA fake score
@@ -388,8 +402,8 @@ class DMD2Method(Method):
         # 1. Fresh student samples, without gradient (the fake score models the student, it does not train it).
         with torch.no_grad():
             x0_s = self.generate(cond, n)
-        # 2. Ordinary denoising in the network's own parameterisation, t ~ U[0, T).
-        t = torch.randint(0, T, (n,), device=x0_s.device)
+        # 2. Ordinary denoising in the network's own parameterisation, at any noise level of the timestep grid.
+        t = self._t_grid[torch.randint(0, T, (n,), device=self._t_grid.device)].to(x0_s.device)
         eps = torch.randn_like(x0_s)
         fake = self.fake_denoiser()
         pred = fake.raw(fake.add_noise(x0_s, eps, t), t, cond)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -313,6 +314,21 @@ def test_bookkeeping_keys_may_change_on_resume(reference_run, tmp_path):
     assert steps[: MAX_STEPS // 2] == list(range(1, MAX_STEPS // 2 + 1))  # every step before, every 2nd after
     assert steps[MAX_STEPS // 2:] == list(range(MAX_STEPS // 2 + 2, MAX_STEPS + 1, 2))
     assert (run / "checkpoints" / f"step-{MAX_STEPS}").is_dir()
+
+
+def test_a_run_saved_before_a_method_key_existed_resumes(tmp_path):
+    """A config.yaml written by an older version lacks newer method_args keys; they take the method's defaults, so
+    the run resumes as a plain resume (no "<unset>" change to allow)."""
+    run = tmp_path / "run"
+    train(_cfg([f"train.max_steps={MAX_STEPS // 2}"]), run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["method_args"]["student_every"]  # as if the key had been added after this run started
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    train(_cfg(), run)
+    assert _logged_steps(run)[-1] == MAX_STEPS and not (run / "config_changes.jsonl").exists()
+    # A value other than the default is still a change that needs --allow-changes.
+    with pytest.raises(UserError, match=r"method_args.student_every: 2 -> 3"):
+        train(_cfg(["method_args.student_every=3", f"train.max_steps={MAX_STEPS + 2}"]), run)
 
 
 def test_unknown_optim_phase_is_a_user_error(tmp_path):

@@ -24,6 +24,7 @@ its own noise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -169,13 +170,20 @@ def _config_diff(cfg: RunConfig, saved: dict) -> list[tuple[str, Any, Any]]:
     # Round-trip through YAML so both sides have the same types (tuples -> lists, ...).
     new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
     old = _flatten(saved)
-    # A phase without an optim section trains with OptimConfig's defaults: compare them, not "<unset>".
+    # A phase without an optim section trains with OptimConfig's defaults, and a method key missing from a saved
+    # config (a run saved before the key existed) has the method's default: compare those, not "<unset>", so an
+    # older run resumes unchanged.
     optim_defaults = to_dict(OptimConfig())
+    method_cls = get_method(cfg.method).Config
+    method_defaults = (yaml.safe_load(yaml.safe_dump(to_dict(method_cls()), sort_keys=False))
+                       if dataclasses.is_dataclass(method_cls) else {})
 
     def value(d: dict, k: str) -> Any:
         parts = k.split(".")
         if k not in d and len(parts) == 3 and parts[0] == "optim" and parts[2] in optim_defaults:
             return optim_defaults[parts[2]]
+        if k not in d and len(parts) == 2 and parts[0] == "method_args" and parts[1] in method_defaults:
+            return method_defaults[parts[1]]
         return d.get(k, "<unset>")
 
     return [

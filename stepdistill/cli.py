@@ -125,6 +125,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = gen.read_prompts(args.prompts)
         pipe = gen.swap_scheduler(load_pipeline(source, device=device), args.scheduler)
         timesteps = gen.parse_timesteps(args.timesteps, pipe)
+        if args.degrain and (getattr(pipe, "vae", None) is not None
+                             or getattr(getattr(pipe, "unet", None), "config", {}).get("sample_size") != 16):
+            raise UserError(f"--degrain is defined for 16x16 digits16 samples; '{source}' does not make them: "
+                            "drop --degrain for other pipelines")
         out = prepare_out_dir(args.out, args.overwrite)
         samples = gen.generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
                                prompts=prompts, timesteps=timesteps)

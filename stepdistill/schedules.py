@@ -145,12 +145,12 @@ def log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def karras_timestep_grid(alpha: torch.Tensor, sigma: torch.Tensor, n: int, rho: float = 7.0,
                          ratio_min: float = 0.002, ratio_max: float = 80.0) -> torch.Tensor:
-    """``n`` training timesteps, ascending in noise, whose noise-to-signal ratios sigma/alpha follow Karras et al.'s
-    rho-spaced grid (EDM's: rho 7 between 0.002 and 80, narrowed to the schedule's own range), each grid level
-    mapped to the timestep with the nearest log ratio. ``alpha``/``sigma`` are indexed by timestep. Drawing an index
-    uniformly from this grid spends far more draws on low noise levels than drawing the timestep itself uniformly
-    (on the digits16 teacher's cosine schedule, ~9% vs ~1% of draws below ratio 0.03): the sampling of DMD2's
-    pixel-space (EDM) code. Ratios above 80 are pure noise for data in [-1, 1]; a cosine schedule reaches 2e4."""
+    """``n`` training timesteps (non-decreasing, with repeats where the grid is finer than the timesteps) whose
+    noise-to-signal ratios sigma/alpha follow Karras et al.'s rho-spaced grid: EDM's (rho 7 from 0.002 to 80),
+    narrowed to the schedule's own range; each grid level maps to the timestep with the nearest log ratio, so the
+    timesteps beyond ratio 80 are never returned. ``alpha``/``sigma`` are indexed by timestep. Drawing an index
+    uniformly from this grid is the sampling of DMD2's pixel-space (EDM) code; on the digits16 teacher's cosine
+    schedule it puts ~9% of draws below ratio 0.03 (a uniform timestep ~1%) and ~34% above ratio 10 (~5%)."""
     ratio = (sigma.double() / alpha.double().clamp_min(1e-12)).clamp_min(1e-12)
     lo, hi = max(float(ratio.min()), ratio_min), min(float(ratio.max()), ratio_max)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -151,7 +151,6 @@ def test_karras_timestep_sampling_draws_from_the_grid(teacher_dir):
     method.loss("student", digits_batch(), 0)
     t = drawn[0]
     assert set(t.tolist()) <= set(grid[: int(0.3 * len(grid)) + 1].tolist())
-    assert t.max() < 300  # the low 30% of the Karras grid are all low noise levels (timesteps far below 300)
     fake_t = []
     fake = method.fake_denoiser()
     orig_fake = fake.add_noise

@@ -197,6 +197,10 @@ def test_cli_eval_degrain(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "big.npz"), "--metrics", "fid", "--degrain", "--out",
                  str(tmp_path / "e3")]) == 2
     assert "16x16" in capsys.readouterr().err and not (tmp_path / "e3").exists()
+    tiny_pipeline().save_pretrained(str(tmp_path / "p8"))  # an 8x8 pipeline: refused before sampling or writing
+    assert main(["eval", str(tmp_path / "p8"), "--steps", "1", "--metrics", "fid", "--degrain", "--num-samples", "4",
+                 "--out", str(tmp_path / "e4")]) == 2
+    assert "16x16" in capsys.readouterr().err and not (tmp_path / "e4").exists()
 
 
 def test_cli_average_snapshots(tmp_path, capsys):

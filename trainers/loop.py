@@ -24,7 +24,6 @@ its own noise.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -165,25 +164,30 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _with_method_defaults(cfg: RunConfig, saved: dict) -> dict:
+    """``saved`` (a config.yaml as flat dotted keys) with every method_args key it lacks set to the method's default.
+
+    A run saved before a key existed resumes with that key's default, so a new method key's default must reproduce
+    the behaviour from before the key was added (as DMD2's ``timestep_sampling: uniform`` does).
+    """
+    flat = _flatten(saved)
+    defaults = _flatten({"method_args": yaml.safe_load(yaml.safe_dump(to_dict(get_method(cfg.method).Config()),
+                                                                      sort_keys=False))})
+    return {**defaults, **flat}
+
+
 def _config_diff(cfg: RunConfig, saved: dict) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) of the keys that differ, ignoring :data:`RESUMABLE_CHANGES`."""
     # Round-trip through YAML so both sides have the same types (tuples -> lists, ...).
     new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
-    old = _flatten(saved)
-    # A phase without an optim section trains with OptimConfig's defaults, and a method key missing from a saved
-    # config (a run saved before the key existed) has the method's default: compare those, not "<unset>", so an
-    # older run resumes unchanged.
+    old = _with_method_defaults(cfg, saved)
+    # A phase without an optim section trains with OptimConfig's defaults: compare them, not "<unset>".
     optim_defaults = to_dict(OptimConfig())
-    method_cls = get_method(cfg.method).Config
-    method_defaults = (yaml.safe_load(yaml.safe_dump(to_dict(method_cls()), sort_keys=False))
-                       if dataclasses.is_dataclass(method_cls) else {})
 
     def value(d: dict, k: str) -> Any:
         parts = k.split(".")
         if k not in d and len(parts) == 3 and parts[0] == "optim" and parts[2] in optim_defaults:
             return optim_defaults[parts[2]]
-        if k not in d and len(parts) == 2 and parts[0] == "method_args" and parts[1] in method_defaults:
-            return method_defaults[parts[1]]
         return d.get(k, "<unset>")
 
     return [
@@ -238,7 +242,7 @@ def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
         raise UserError(f"output folder '{out}' holds a run with a different config ({_shown(diff)}); pass "
                         "--allow-changes to continue it with the new values from its last checkpoint, --overwrite "
                         "to replace it, or choose another output folder")
-    get_method(cfg.method).check_stage_change(_flatten(saved), cfg)
+    get_method(cfg.method).check_stage_change(_with_method_defaults(cfg, saved), cfg)
     return "resume", diff
 
 

@@ -115,8 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.steps is not None or args.timesteps is not None:
             raise UserError("--steps / --timesteps apply when sampling a pipeline; a samples file is evaluated as is")
         samples = gen.load_samples(source)
-        if args.degrain:
-            _degrain(samples["images"])  # refuses non-digits16 samples before anything is written
+        if args.degrain:  # refuses non-digits16 samples before anything is written
+            samples["images"] = _degrain(samples["images"])
         out = prepare_out_dir(args.out, args.overwrite)
     else:
         from stepdistill.pipelines import load_pipeline
@@ -139,8 +139,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             row["timesteps"] = samples["timesteps"]
         row.update(steps=args.steps, guidance=args.guidance,
                    samples_per_s=round(len(samples["images"]) / samples["seconds"], 2))
-    if args.degrain:  # (a samples file was checked before the output folder was made)
-        samples["images"] = _degrain(samples["images"])  # samples.npz above keeps the samples as generated
+        if args.degrain:
+            samples["images"] = _degrain(samples["images"])  # samples.npz above keeps the samples as generated
+    if args.degrain:
         row["degrain"] = True
     save_grid(samples["images"][:100], out / "grid.png", nrow=10)
     from stepdistill.eval.harness import evaluate, format_table

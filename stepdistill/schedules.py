@@ -141,8 +141,6 @@ def log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return 2 * (torch.log(alpha) - torch.log(sigma))
 
 
-
-
 def karras_timestep_grid(alpha: torch.Tensor, sigma: torch.Tensor, n: int, rho: float = 7.0,
                          ratio_min: float = 0.002, ratio_max: float = 80.0) -> torch.Tensor:
     """``n`` training timesteps (non-decreasing, with repeats where the grid is finer than the timesteps) whose

@@ -176,11 +176,11 @@ def _with_method_defaults(cfg: RunConfig, saved: dict) -> dict:
     return {**defaults, **flat}
 
 
-def _config_diff(cfg: RunConfig, saved: dict) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) of the keys that differ, ignoring :data:`RESUMABLE_CHANGES`."""
+def _config_diff(cfg: RunConfig, old: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of the keys that differ, ignoring :data:`RESUMABLE_CHANGES`; ``old`` is the
+    saved config as :func:`_with_method_defaults` returns it."""
     # Round-trip through YAML so both sides have the same types (tuples -> lists, ...).
     new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
-    old = _with_method_defaults(cfg, saved)
     # A phase without an optim section trains with OptimConfig's defaults: compare them, not "<unset>".
     optim_defaults = to_dict(OptimConfig())
 
@@ -231,6 +231,7 @@ def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
         saved = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError:
         saved = {"<unreadable>": True}
+    saved = _with_method_defaults(cfg, saved)
     diff = _config_diff(cfg, saved)
     if not diff:
         return "resume", []
@@ -242,7 +243,7 @@ def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
         raise UserError(f"output folder '{out}' holds a run with a different config ({_shown(diff)}); pass "
                         "--allow-changes to continue it with the new values from its last checkpoint, --overwrite "
                         "to replace it, or choose another output folder")
-    get_method(cfg.method).check_stage_change(_with_method_defaults(cfg, saved), cfg)
+    get_method(cfg.method).check_stage_change(saved, cfg)
     return "resume", diff
 
 

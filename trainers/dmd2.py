@@ -68,8 +68,8 @@ class DMD2Config:
     # timestep uniformly (DMD2's Stable Diffusion code); "karras" draws an index uniformly from T noise levels spaced
     # as in EDM (rho 7, noise-to-signal 0.002-80 within the teacher's range), each mapped to the nearest timestep
     # (DMD2's pixel-space EDM code). On the digits16 teacher that moves draws from the middle levels to both ends:
-    # ~7% (uniform: ~0%) below noise-to-signal 0.03, where fine grain is told from noise, and ~34% (uniform: ~5%)
-    # above 10. min_t / max_t are then fractions of that grid.
+    # ~8% (uniform: ~0.7%) below noise-to-signal 0.03, where fine grain is told from noise, and ~34% (uniform: ~5%)
+    # above 10 (DM draws, default min_t / max_t). min_t / max_t are then fractions of that grid.
     timestep_sampling: str = "uniform"
     # Two time-scale update rule: fake-score updates per student update (the student phase runs every k steps).
     fake_updates_per_student: int = 5

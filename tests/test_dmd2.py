@@ -159,6 +159,29 @@ def test_karras_timestep_sampling_draws_from_the_grid(teacher_dir):
     assert set(fake_t[0].tolist()) <= set(grid.tolist())
 
 
+def test_real_guidance_interval_limits_cfg_to_its_noise_levels(teacher_dir):
+    """real_guidance_interval=[0.2, 0.6]: the real score is the teacher's CFG-2 prediction for t in [200, 600] and
+    its unguided prediction elsewhere, sample by sample (references from the teacher called directly)."""
+    method = _method(teacher_dir, "method_args.real_guidance=2.0", "method_args.real_guidance_interval=[0.2,0.6]")
+    torch.manual_seed(0)
+    t = torch.tensor([10, 199, 200, 400, 600, 601, 990])
+    x_t = torch.randn(len(t), 1, 16, 16)
+    labels = torch.arange(len(t)) % 10
+    cond, uncond = method.classes.cond(labels), method.classes.uncond(len(t))
+    with torch.no_grad():
+        guided = method.teacher(x_t, t, cond, "x0", guidance_scale=2.0, uncond=uncond)
+        plain = method.teacher(x_t, t, cond, "x0")
+    inside = torch.tensor([False, False, True, True, True, False, False])
+    assert not torch.allclose(guided[inside], plain[inside])
+    want = torch.where(inside.view(-1, 1, 1, 1), guided, plain)
+    torch.testing.assert_close(method.real_score(x_t, t, cond, uncond), want, atol=1e-5, rtol=1e-5)
+    # All outside the interval: no CFG at all (and no unconditional pass); the default interval guides everywhere.
+    assert method.guidance_at(torch.tensor([5, 900])) is None
+    assert method.guidance_at(torch.tensor([300, 500])) == 2.0
+    full = _method(teacher_dir, "method_args.real_guidance=2.0")
+    torch.testing.assert_close(full.real_score(x_t, t, cond, uncond), guided, atol=1e-5, rtol=1e-5)
+
+
 def test_gan_term_on_and_off(teacher_dir):
     on = _method(teacher_dir)
     assert on.gan_head is not None
@@ -358,6 +381,9 @@ def test_config_errors(teacher_dir, tmp_path):
         _method(teacher_dir, "method_args.student_timesteps=[499,999]")
     with pytest.raises(ConfigError, match="min_t"):
         _method(teacher_dir, "method_args.min_t=0.9", "method_args.max_t=0.5")
+    for bad in ("[0.6,0.2]", "[0.5]", "[0.1,1.5]"):
+        with pytest.raises(ConfigError, match=r"real_guidance_interval must be \[lo, hi\]"):
+            _method(teacher_dir, f"method_args.real_guidance_interval={bad}")
     with pytest.raises(ConfigError, match="timestep_sampling must be one of uniform, karras"):
         _method(teacher_dir, "method_args.timestep_sampling=edm")
     prompts = tmp_path / "prompts.txt"

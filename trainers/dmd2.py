@@ -495,6 +495,8 @@ class DMD2Method(Method):
         else:
             use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
                    f"images = pipe([\"a photo of a cat\"], timesteps={ts}, guidance_scale=1.0).images")
+        interval = [float(f) for f in self.cfg.real_guidance_interval]
+        where = "" if interval == [0.0, 1.0] else f" at t/T in {interval}"
         (out_dir / "README.md").write_text(
             f"# DMD2 student ({len(ts)}-step)\n\n"
             f"Distilled from `{self.run_config.teacher}` with DMD2 (distribution matching + two time-scale updates"
@@ -504,7 +506,7 @@ class DMD2Method(Method):
             f"Sample with `timesteps={ts}` (or `num_inference_steps={len(ts)}` with the saved "
             f"`original_inference_steps={sched.original_inference_steps}`"
             f"{'' if self._num_steps_reproduces(pipe.scheduler) else ', which does NOT reproduce them here'}) "
-            f"and no CFG (the teacher's guidance w={self.cfg.real_guidance} is distilled in).\n\n"
+            f"and no CFG (the teacher's guidance w={self.cfg.real_guidance}{where} is distilled in).\n\n"
             f"```python\n{use}\n```\n")
 
     def _num_steps_reproduces(self, sched) -> bool:

@@ -172,7 +172,8 @@ def test_real_guidance_interval_limits_cfg_to_its_noise_levels(teacher_dir):
         guided = method.teacher(x_t, t, cond, "x0", guidance_scale=2.0, uncond=uncond)
         plain = method.teacher(x_t, t, cond, "x0")
     inside = torch.tensor([False, False, True, True, True, False, False])
-    assert not torch.allclose(guided[inside], plain[inside])
+    for i in range(len(t)):  # CFG changes every sample, so each one tells guided from unguided
+        assert not torch.allclose(guided[i], plain[i])
     want = torch.where(inside.view(-1, 1, 1, 1), guided, plain)
     torch.testing.assert_close(method.real_score(x_t, t, cond, uncond), want, atol=1e-5, rtol=1e-5)
     # All outside the interval: no CFG at all (and no unconditional pass); the default interval guides everywhere.
@@ -180,6 +181,15 @@ def test_real_guidance_interval_limits_cfg_to_its_noise_levels(teacher_dir):
     assert method.guidance_at(torch.tensor([300, 500])) == 2.0
     full = _method(teacher_dir, "method_args.real_guidance=2.0")
     torch.testing.assert_close(full.real_score(x_t, t, cond, uncond), guided, atol=1e-5, rtol=1e-5)
+    # The regression targets follow the same rule: 4 trailing DDIM steps (999, 749, 499, 249), CFG at 249-499 only.
+    ode = _method(teacher_dir, "method_args.real_guidance_interval=[0.2,0.6]", "method_args.regression_steps=4")
+    z = torch.randn(2, 1, 16, 16)
+    c2, u2 = ode.classes.cond(labels[:2]), ode.classes.uncond(2)
+    x = z
+    for t_now, t_next in ((999, 749), (749, 499), (499, 249), (249, -1)):
+        g = 2.0 if 200 <= t_now <= 600 else None
+        x = ode.teacher.solver_step(x, t_now, t_next, c2, guidance_scale=g, uncond=u2)
+    torch.testing.assert_close(ode.teacher_ode(z, c2, u2), x)
 
 
 def test_gan_term_on_and_off(teacher_dir):

@@ -64,7 +64,8 @@ class DMD2Config:
     # Noise levels at which the real score uses that CFG, [lo, hi] as fractions of the T training timesteps; outside
     # it the teacher is unguided (w = 1). [0, 1] = everywhere (DMD2). Guidance limited to the middle levels keeps
     # class identity at less cost to diversity and detail (Kynkaenniemi et al. 2024, "Applying guidance in a limited
-    # interval"; their EDM2 interval, noise-to-signal 0.28-5.42, is t ~ 0.17-0.89 on the digits16 teacher).
+    # interval"; their EDM2 interval, noise-to-signal 0.28-5.42, is t = 167-882 on the digits16 teacher; its
+    # README stage used [0.17, 0.89]).
     real_guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # Distribution-matching noise levels t ~ U[min_t T, max_t T] (fractions of the T training timesteps).
     min_t: float = 0.02
@@ -85,7 +86,7 @@ class DMD2Config:
     gan_head_channels: int = 64
     # Regression warm-up: weight of MSE(student 1-step output, teacher ODE output from the same noise); 0 = off.
     regression_weight: float = 0.0
-    # Teacher DDIM steps (with CFG real_guidance) of the regression targets.
+    # Teacher DDIM steps (with CFG real_guidance in real_guidance_interval) of the regression targets.
     regression_steps: int = 20
     # Initialise the student G from another pipeline's network (alias, local folder or hub id), e.g. an exported LCM
     # student of the same teacher; it must have the teacher network's architecture. "" = from the teacher (DMD2).

@@ -164,23 +164,25 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _as_saved(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A config object as flat dotted keys with the value types a saved config.yaml has: round-tripped through
+    YAML (tuples -> lists, ...), so it compares equal to what was saved."""
+    return _flatten(yaml.safe_load(yaml.safe_dump(to_dict(obj), sort_keys=False)), prefix)
+
+
 def _with_method_defaults(cfg: RunConfig, saved: dict) -> dict:
     """``saved`` (a config.yaml as flat dotted keys) with every method_args key it lacks set to the method's default.
 
     A run saved before a key existed resumes with that key's default, so a new method key's default must reproduce
     the behaviour from before the key was added (as DMD2's ``timestep_sampling: uniform`` does).
     """
-    flat = _flatten(saved)
-    defaults = _flatten({"method_args": yaml.safe_load(yaml.safe_dump(to_dict(get_method(cfg.method).Config()),
-                                                                      sort_keys=False))})
-    return {**defaults, **flat}
+    return {**_as_saved(get_method(cfg.method).Config(), "method_args"), **_flatten(saved)}
 
 
 def _config_diff(cfg: RunConfig, old: dict) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) of the keys that differ, ignoring :data:`RESUMABLE_CHANGES`; ``old`` is the
     saved config as :func:`_with_method_defaults` returns it."""
-    # Round-trip through YAML so both sides have the same types (tuples -> lists, ...).
-    new = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    new = _as_saved(cfg)
     # A phase without an optim section trains with OptimConfig's defaults: compare them, not "<unset>".
     optim_defaults = to_dict(OptimConfig())
 

@@ -129,7 +129,7 @@ def _open_stats(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of a stats file, or a UserError naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"statistics file '{p}' does not exist (make one with `stepdistill eval --save-stats`)")
+        raise UserError(f"statistics file '{p}' does not exist (make one with `stepdistill stats IMAGE_FOLDER`)")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

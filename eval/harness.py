@@ -69,6 +69,28 @@ def _load_folder(path: Path, resolution: int, channels: int) -> np.ndarray:
     return to_uint8(torch.stack([ds[i]["image"] for i in range(len(ds))]))
 
 
+def save_reference_stats(folder: str | Path, out: str | Path, resolution: int, device: str | torch.device = "cpu",
+                         batch_size: int = 50, chunk: int = 500) -> Path:
+    """Inception statistics (FID's mu, sigma) of an image folder, written to ``out`` (.npz) for ``--ref``.
+
+    Images are decoded ``chunk`` at a time, so a large data set never sits in memory as pixels; they are resized and
+    center-cropped to ``resolution``, the size the generated samples will have.
+    """
+    from stepdistill.data import ImageFolder, to_uint8
+
+    from .frechet import save_stats
+
+    ds = ImageFolder(Path(folder), resolution, center_crop=True, channels=3)
+    feats = []
+    for start in range(0, len(ds), chunk):
+        images = to_uint8(torch.stack([ds[i]["image"] for i in range(start, min(start + chunk, len(ds)))]))
+        feats.append(inception_features(images, torch.device(device), batch_size,
+                                        desc=f"inception ({start + len(images)}/{len(ds)})"))
+    mu, sigma = feature_stats(np.concatenate(feats))
+    return save_stats(out, mu, sigma, ref=str(folder), num_images=len(ds), resolution=resolution,
+                      preprocessing=inception_preprocessing())
+
+
 def _digits16_inception_features(device, batch_size: int) -> np.ndarray:
     """Inception features of the real digits16, from the cache or computed once and cached (float32 .npy)."""
     from .frechet import save_stats

@@ -41,13 +41,89 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     get_method(args.method)  # unknown method: one-line error before reading anything else
     if args.config is None:
-        raise UserError(f"train {args.method} needs --config FILE (see configs/)")
+        raise UserError(f"train {args.method} needs --config FILE or a shipped recipe's name (stepdistill config "
+                        "list)")
     cfg = load_config(args.config, args.overrides, method=args.method)
+    if args.dry_run:
+        return _dry_run(cfg, args)
     from stepdistill.trainers.loop import train
 
     run_dir = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite,
                     allow_changes=args.allow_changes)
     print(f"run folder: {run_dir}\npipeline:   {Path(run_dir) / 'pipeline'}")
+    return 0
+
+
+def _dry_run(cfg, args: argparse.Namespace) -> int:
+    """Print the resolved config (file + overrides + defaults) and what would happen to --out; write nothing."""
+    import yaml
+
+    from stepdistill.config import to_dict
+    from stepdistill.trainers.loop import plan_out_dir
+
+    mode, changes = plan_out_dir(cfg, Path(args.out), resume=not args.no_resume, overwrite=args.overwrite,
+                                 allow_changes=args.allow_changes)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    what = {"fresh": f"start a new run in '{args.out}'", "overwrite": f"replace the run folder '{args.out}'",
+            "resume": f"resume the run in '{args.out}'"}[mode]
+    if changes:
+        what += " as a new stage changing " + ", ".join(k for k, _, _ in changes)
+    print(f"# dry run: would {what}; nothing was written")
+    return 0
+
+
+# --- config -----------------------------------------------------------------------------------------------------
+def config_tables(name: str) -> str:
+    """The markdown key tables of ``name`` (a method, or "run" for the keys every run has): the docs' tables."""
+    from stepdistill.config import DataConfig, OptimConfig, RunConfig, TrainConfig, describe, markdown_table
+    from stepdistill.trainers import get_method
+
+    if name == "run":
+        top = [k for k in describe(RunConfig) if k.name in ("method", "seed", "teacher")]
+        return "\n\n".join([markdown_table(top), markdown_table(describe(DataConfig), "data."),
+                             markdown_table(describe(TrainConfig), "train."),
+                             markdown_table(describe(OptimConfig), "optim.PHASE.")])
+    return markdown_table(describe(get_method(name).Config), "method_args.")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from stepdistill.config import DataConfig, OptimConfig, RunConfig, TrainConfig, describe, list_recipes
+    from stepdistill.trainers import METHODS, get_method
+
+    if args.action == "list":
+        print("methods: " + ", ".join(sorted(METHODS)))
+        print("shipped recipes (--config NAME): " + ", ".join(list_recipes()))
+        return 0
+    if args.name is None:
+        raise UserError(f"config show needs a method ({', '.join(sorted(METHODS))}) or 'run'")
+    if args.name != "run":
+        get_method(args.name)  # unknown method: one-line error listing the known ones
+    if args.markdown:
+        print(config_tables(args.name))
+        return 0
+
+    def show(title: str, keys, prefix: str) -> None:
+        print(title)
+        for k in keys:
+            print(f"  {prefix}{k.name}: {k.type} = {k.default!r}")
+            text = k.help if args.long else k.summary
+            print(textwrap.fill(text, width=116, initial_indent="      ", subsequent_indent="      "))
+
+    if args.name == "run":
+        show("run keys", [k for k in describe(RunConfig) if k.name in ("method", "seed", "teacher")], "")
+        show("data", describe(DataConfig), "data.")
+        show("train", describe(TrainConfig), "train.")
+        show("optim (one section per phase of the method)", describe(OptimConfig), "optim.PHASE.")
+        return 0
+    cls = get_method(args.name)
+    show(f"{args.name} method_args ({cls.Config.__name__}; set in a config file or as method_args.KEY=VALUE)",
+         describe(cls.Config), "method_args.")
+    print(f"phases: {', '.join(cls.phase_names)} (optimizer settings under optim.PHASE.*: "
+          "`stepdistill config show run`)")
+    if cls.stage_changes:
+        print(f"may change at a new stage (train --allow-changes): {', '.join(cls.stage_changes)} and optim.PHASE.lr")
     return 0
 
 
@@ -155,22 +231,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- stats ------------------------------------------------------------------------------------------------------
+def cmd_stats(args: argparse.Namespace) -> int:
+    from stepdistill.eval.harness import save_reference_stats
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise UserError(f"--out '{out}' must be a .npz file (e.g. stats.npz)")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"'{out}' already exists; pass --overwrite to replace it or choose another --out")
+    if not Path(args.folder).is_dir():
+        raise UserError(f"image folder '{args.folder}' does not exist")
+    if args.resolution < 1:
+        raise UserError(f"--resolution must be a positive number of pixels, got {args.resolution}")
+    path = save_reference_stats(args.folder, out, args.resolution, device=_device(args.device))
+    print(f"Inception statistics of '{args.folder}' at {args.resolution}px -> {path} (use it as --ref {path})")
+    return 0
+
+
 # --- bench ------------------------------------------------------------------------------------------------------
 # Distillation benchmarks: method -> default (label, config) list and student step counts (None = trained ones).
+# Recipes are shipped recipe names, resolved by load_config in any install.
 DISTILL_BENCHES = {
-    "dmd2": ("dmd2", [("dmd2 student", "configs/digits16_dmd2.yaml")], None),
-    "consistency": ("consistency", [("lcm", "configs/digits16_lcm.yaml"),
-                                    ("lcm-lora", "configs/digits16_lcm_lora.yaml"),
-                                    ("multiphase", "configs/digits16_multiphase.yaml")], [1, 2, 4]),
+    "dmd2": ("dmd2", [("dmd2 student", "digits16_dmd2")], None),
+    "consistency": ("consistency", [("lcm", "digits16_lcm"), ("lcm-lora", "digits16_lcm_lora"),
+                                    ("multiphase", "digits16_multiphase")], [1, 2, 4]),
 }
-
-
-def _default_config(rel: str) -> str:
-    """A shipped recipe: relative to the working directory, else to the source checkout (editable installs)."""
-    if Path(rel).is_file():
-        return rel
-    repo = Path(__file__).resolve().parent.parent / rel
-    return str(repo) if repo.is_file() else rel
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -190,7 +276,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, "
                         f"{', '.join(DISTILL_BENCHES)})")
     method, configs, steps = DISTILL_BENCHES[args.which]
-    configs = [(label, _default_config(path)) for label, path in configs]
     if args.config:
         configs = [(f"{method} student", args.config)]
     if args.student_steps:
@@ -222,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train METHOD; the run folder gets config.yaml, checkpoints/, logs.jsonl, "
                                    "tensorboard/, samples/ and the final pipeline/.")
     t.add_argument("method", help="training method (teacher, ...)")
-    t.add_argument("--config", help="YAML config (see configs/)")
+    t.add_argument("--config", help="YAML config file, or a shipped recipe's name, e.g. digits16_dmd2 "
+                                    "(`stepdistill config list`)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.add_argument("--no-resume", action="store_true", help="do not resume from the run folder's checkpoints")
@@ -230,8 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint although learning rates (optim.PHASE.lr) "
                         "or the method's loss weights / noise ranges changed, e.g. method_args.gan_weight_student "
                         "for dmd2 (a new training stage; recorded in config_changes.jsonl)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config (file + overrides + defaults) and what would happen to --out, "
+                        "then exit without writing anything")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="list methods and shipped recipes; show every config key with its help",
+                       description="list: the methods and the shipped recipes. show METHOD: every method_args key "
+                                   "with its type, default and help; show run: the keys every run has (data, "
+                                   "train, optim).")
+    c.add_argument("action", choices=["list", "show"])
+    c.add_argument("name", nargs="?", help="method name (dmd2, consistency, teacher) or 'run'")
+    c.add_argument("--long", action="store_true", help="full help text instead of its first sentence")
+    c.add_argument("--markdown", action="store_true", help="markdown tables (what docs/methods/*.md hold)")
+    c.set_defaults(func=cmd_config)
 
     def add_gen(q: argparse.ArgumentParser) -> None:
         q.add_argument("--steps", type=int, help="sampler steps (a student's recorded schedule for that many steps "
@@ -275,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_gen(e)
     e.set_defaults(func=cmd_eval)
 
+    st = sub.add_parser("stats", help="FID reference statistics of your own image folder (for eval --ref)",
+                        description="Compute the Inception mu/sigma of every image in FOLDER, resized and "
+                                    "center-cropped to --resolution (the size of your samples), and save them as "
+                                    "an .npz for `stepdistill eval --ref`.")
+    st.add_argument("folder", help="image folder (searched recursively)")
+    st.add_argument("--resolution", type=int, required=True, help="side length of the generated samples, e.g. 512")
+    st.add_argument("--out", required=True, help="output .npz file")
+    st.add_argument("--device", help="torch device")
+    st.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    st.set_defaults(func=cmd_stats)
+
     b = sub.add_parser("bench", help="benchmarks: the digits16 teacher baseline, distillation reports",
                        description="teacher: sample the shipped digits16 teacher at 50 steps + CFG, at 8/4/2/1 "
                                    "steps + CFG and at 50 steps without CFG, evaluate each at equal N and print the "
@@ -316,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stepdistill: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

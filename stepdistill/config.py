@@ -29,8 +29,9 @@ class DataConfig:
     center_crop: bool = True
     # Random horizontal flip (never for digits).
     random_flip: bool = False
-    # Column names for an HF datasets folder.
+    # Image column of an HF datasets folder.
     image_column: str = "image"
+    # Caption column of an HF datasets folder.
     caption_column: str = "text"
     # Per-process batch size of one micro-batch.
     batch_size: int = 64
@@ -40,15 +41,19 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # Peak learning rate.
+    # Peak learning rate of this phase's AdamW optimizer.
     lr: float = 1e-4
-    # AdamW betas and weight decay.
+    # AdamW beta1 (first-moment decay).
     beta1: float = 0.9
+    # AdamW beta2 (second-moment decay).
     beta2: float = 0.999
+    # AdamW decoupled weight decay.
     weight_decay: float = 0.0
+    # AdamW epsilon.
     eps: float = 1e-8
     # LR schedule name understood by diffusers.optimization.get_scheduler ("constant", "cosine", "linear", ...).
     lr_schedule: str = "constant_with_warmup"
+    # Linear warm-up, in optimizer updates of this phase.
     warmup_steps: int = 0
     # Clip the gradient norm of this phase's parameters (0 = no clipping).
     max_grad_norm: float = 1.0
@@ -64,13 +69,15 @@ class TrainConfig:
     mixed_precision: str = "no"
     # EMA decay of the student (0 = no EMA). The EMA weights are what gets exported when enabled.
     ema_decay: float = 0.0
-    # Steps over which the EMA decay warms up from 0 to ema_decay (diffusers EMAModel warm-up), 0 = none.
+    # Warm the EMA decay up from 0 towards ema_decay over the first steps (diffusers EMAModel's use_ema_warmup).
     ema_warmup: bool = False
-    # Save a checkpoint every this many steps (0 = only at the end) and keep this many.
+    # Save a checkpoint every this many steps (0 = only at the end).
     checkpoint_every: int = 500
+    # Number of newest checkpoints kept in the run folder.
     keep_checkpoints: int = 2
-    # Log scalars every this many steps; write a sample grid every this many steps (0 = only at the end).
+    # Log scalars every this many steps.
     log_every: int = 10
+    # Write a sample grid every this many steps (0 = only at the end).
     sample_every: int = 0
     # "tensorboard" or "none".
     tracker: str = "tensorboard"
@@ -93,7 +100,9 @@ class RunConfig:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -203,6 +212,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def recipes_dir() -> Path:
+    """The folder of the shipped recipes: ``stepdistill/configs`` of an installed wheel, else the source checkout's
+    ``configs/`` (an editable install maps the package there without a folder of that name)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (``--config NAME`` resolves them)."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def resolve_config_path(arg: str | Path) -> Path:
+    """``--config`` as given: an existing file, else the shipped recipe of that name (``digits16_dmd2`` or
+    ``configs/digits16_dmd2.yaml`` outside a checkout); a ConfigError naming both places otherwise."""
+    p = Path(arg)
+    if p.is_file():
+        return p
+    shipped = recipes_dir() / (p.stem + ".yaml")
+    if p.suffix in ("", ".yaml") and p.parent.name in ("", "configs") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file '{arg}' not found, and no shipped recipe has that name (shipped: "
+                      f"{', '.join(list_recipes())}; `stepdistill config list` shows them)")
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing or malformed file is a ConfigError naming it."""
     p = Path(path)
@@ -224,7 +259,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, met
     """Load a :class:`RunConfig` from YAML + overrides, with ``method_args`` typed by the method's own dataclass."""
     from stepdistill.trainers import get_method  # local: trainers import config
 
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(resolve_config_path(path)) if path is not None else {}
     apply_overrides(data, overrides or [])
     if method is not None:
         if data.get("method", method) != method:
@@ -234,8 +269,97 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, met
     cfg = from_dict(RunConfig, data)
     method_cls = get_method(cfg.method)
     cfg.method_args = from_dict(method_cls.Config, method_args, prefix="method_args")
+    check_optim_phases(cfg, method_cls.phase_names)
+    # Every phase gets its optimizer section, defaults filled in, so the resolved config says what trains.
+    cfg.optim = {n: cfg.optim.get(n, OptimConfig()) for n in method_cls.phase_names}
     return cfg
+
+
+def check_optim_phases(cfg: RunConfig, phase_names: tuple[str, ...] | list[str]) -> None:
+    """A ConfigError for an ``optim.<name>`` section that names no phase of the method."""
+    unknown = sorted(set(cfg.optim) - set(phase_names))
+    if unknown:
+        raise ConfigError(f"config key 'optim.{unknown[0]}' is not a phase of method '{cfg.method}' "
+                          f"(its phases: {', '.join(phase_names)})")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --- discovery: every key with its type, default and help ---------------------------------------------------------
+@dataclass
+class KeyInfo:
+    """One config key as ``stepdistill config show`` and the docs' key tables present it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+    @property
+    def summary(self) -> str:
+        """The help's first sentence."""
+        import re
+
+        return re.split(r"(?<=[a-z0-9)\]])\. (?=[A-Z])", self.help, maxsplit=1)[0].rstrip(".") + "."
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text: the comment block above it in ``cls``'s source (the style's "a comment per field").
+
+    Fields listed together under one comment share it (``beta1`` / ``beta2`` under "AdamW betas ..."). Read from the
+    source so the help has one copy, the comment a reader of the code sees.
+    """
+    import inspect
+    import re
+    import textwrap
+
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    field_re = re.compile(r"^    (\w+)\s*:")
+    out: dict[str, str] = {}
+    block: list[str] = []
+    current = ""
+    for line in lines[1:]:
+        stripped = line.strip()
+        if line.startswith("    #") and not line.startswith("     "):
+            if not block:
+                current = ""
+            block.append(stripped.lstrip("#").strip())
+            continue
+        m = field_re.match(line)
+        if m:
+            if block:
+                current = " ".join(block)
+                block = []
+            out[m.group(1)] = current
+        elif stripped and not line.startswith("     "):
+            block = []  # a docstring or method ends a comment block
+    return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def describe(cls: type) -> list[KeyInfo]:
+    """Every field of dataclass ``cls`` (nested dataclass fields are not expanded)."""
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    return [KeyInfo(f.name, _type_name(hints[f.name]), to_dict(_default_of(f)), helps.get(f.name, ""))
+            for f in dataclasses.fields(cls)]
+
+
+def markdown_table(keys: list[KeyInfo], prefix: str = "") -> str:
+    """A markdown table of ``keys`` (key, type, default, meaning): the docs' generated key tables."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for k in keys:
+        default = yaml.safe_dump(k.default, default_flow_style=True, width=10**6).strip()
+        default = default.removesuffix("\n...").removesuffix("...").strip()
+        text = k.help.replace("|", "\\|")
+        rows.append(f"| `{prefix}{k.name}` | {k.type} | `{default}` | {text} |")
+    return "\n".join(rows)

@@ -42,6 +42,7 @@ class ToyMethod(Method):
 
     name = "toy"
     Config = ToyConfig
+    phase_names = ("student", "critic")
     # The most recently built instance, so a script can inspect the weights after train() returns.
     last: ToyMethod | None = None
 

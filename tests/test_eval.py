@@ -304,3 +304,34 @@ def test_digits16_reference_features_are_cached(digits, monkeypatch, tmp_path):
     assert r1["kid"] == r2["kid"] and r1["num_ref"] == 1797 and "kid_std" in r1
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(cached) == 2 and cached[0].endswith(".npy") and cached[1].endswith("_stats.npz")
+
+
+def test_stats_command_matches_the_folder_reference(digits, tmp_path, monkeypatch):
+    """`stepdistill stats FOLDER` writes the statistics that --ref FOLDER would compute: equal FID either way, with the
+    folder decoded in chunks (fake Inception features so the test needs no weights and takes a second)."""
+    from PIL import Image
+
+    import stepdistill.eval.harness as harness
+    from stepdistill.cli import main
+
+    proj = np.random.default_rng(1).normal(size=(3 * 16 * 16, 2048)).astype(np.float32) / 64
+    monkeypatch.setattr(harness, "inception_features", lambda images, device, batch_size=50, progress=True, desc="":
+                        images.reshape(len(images), -1).astype(np.float32) @ proj)
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i, img in enumerate(digits[0][:30]):
+        Image.fromarray(img[..., 0]).save(folder / f"{i:03d}.png")
+    samples = np.repeat(digits[0][40:70], 3, axis=-1)
+    out = tmp_path / "stats.npz"
+    monkeypatch.setattr(harness.save_reference_stats, "__defaults__", ("cpu", 50, 7))  # chunks of 7 images
+    assert main(["stats", str(folder), "--resolution", "16", "--out", str(out)]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_stats = evaluate(samples, None, None, ref=str(out), metrics=["fid"])["fid"]
+        by_folder = evaluate(samples, None, None, ref=str(folder), metrics=["fid"])["fid"]
+    assert by_stats == pytest.approx(by_folder, rel=1e-9) and by_stats > 0
+    # An existing output is never overwritten without --overwrite, and a missing folder is a one-line error.
+    before = out.read_bytes()
+    assert main(["stats", str(folder), "--resolution", "16", "--out", str(out)]) == 2
+    assert main(["stats", str(tmp_path / "nope"), "--resolution", "16", "--out", str(tmp_path / "x.npz")]) == 2
+    assert out.read_bytes() == before and not (tmp_path / "x.npz").exists()

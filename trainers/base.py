@@ -40,6 +40,9 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    # Names of the phases ``phases()`` returns, in order: the ``optim.<name>`` sections a config may hold, known
+    # before any network is built (config checks, ``config show``, ``train --dry-run``).
+    phase_names: ClassVar[tuple[str, ...]] = ()
     # Whether the method trains on a data source (False for data-free methods fed by a prompt file or labels only).
     needs_data: ClassVar[bool] = True
     # method_args keys a run may change when it continues as a new stage (``train --allow-changes``): values that

@@ -99,19 +99,22 @@ class ConsistencyConfig:
     # Teacher CFG scale w ~ U[guidance_min, guidance_max] per sample, standard convention uncond + w (cond - uncond)
     # (LCM's U[5, 15] in its own convention is U[6, 16] here). min == max distills one fixed w; 1 = no CFG.
     guidance_min: float = 2.0
+    # Upper end of the teacher CFG scale range (see guidance_min).
     guidance_max: float = 2.0
     # Dimension of the guidance-scale embedding of full UNet2DConditionModel students (LCM: 256; fed to the UNet's
     # timestep_cond). 0 = no embedding (then guidance_min must equal guidance_max). Unused by LoRA and UNet2DModel.
     w_embedding_dim: int = 256
     # Distance d(student, target): "huber" (LCM's elementwise pseudo-Huber sqrt((a-b)^2 + c^2) - c, mean) or "l2".
     loss: str = "huber"
+    # Pseudo-Huber constant c (LCM: 0.001; iCT: 0.00054 sqrt(dim)).
     huber_c: float = 0.001
     # EMA decay of the target network (LCM: 0.95). Full students keep an EMA copy of the network; LoRA students an EMA
     # copy of the adapter weights only (a few MB), swapped in for the target. 0 = the online student is its own
-    # target, as the LCM-LoRA reference script does; on digits16 that diverges (see the README).
+    # target, as the LCM-LoRA reference script does; on digits16 that diverges (docs/results/consistency_digits16.md).
     target_ema_decay: float = 0.95
-    # LCM boundary scalings c_skip(t), c_out(t) (LCM: sigma_data 0.5, timestep scaling 10).
+    # sigma_data of the LCM boundary scalings c_skip(t), c_out(t) (LCM: 0.5).
     sigma_data: float = 0.5
+    # Timestep scaling of the LCM boundary scalings (LCM: 10).
     timestep_scaling: float = 10.0
     # LoRA student (LCM-LoRA) of this rank on the teacher network; 0 = a full trainable student.
     lora_rank: int = 0
@@ -120,6 +123,7 @@ class ConsistencyConfig:
     # Trajectory segments (multiphase CD): a list of segment counts S, each a divisor of T, [1] = plain LCM; with
     # several, segment_starts gives the loop step at which each count takes over (progressive, e.g. 8 -> 4 -> 2 -> 1).
     segments: list[int] = field(default_factory=lambda: [1])
+    # Loop step at which each entry of segments takes over (one per entry, starting at 0).
     segment_starts: list[int] = field(default_factory=lambda: [0])
     # Prompts of the periodic sample grids for text teachers (cycled).
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car", "a bowl of fruit",
@@ -130,8 +134,9 @@ class ConsistencyConfig:
     # the DDIM grid, e.g. [[999, 699, 399, 19]]. Recorded as `sample_timesteps` in the exported scheduler config and
     # the model card; `stepdistill sample/eval/bench` use the list whose length is the step count asked for, the
     # scheduler's own rule otherwise. LCMScheduler's rule ends 4 steps at t = 259 on a 50-point grid; on digits16
-    # ending at 19 gave a much lower FID and KID (README, "Sampling schedules"). [] = the scheduler's rule for every
-    # count. Ignored (not recorded) when the student ends with several segments (it samples at the segment starts).
+    # ending at 19 gave a much lower FID and KID (docs/results/consistency_digits16.md). [] = the scheduler's rule
+    # for every count. Ignored (not recorded) when the student ends with several segments (it samples at the
+    # segment starts).
     sample_timesteps: list[list[int]] = field(default_factory=list)
 
 
@@ -227,6 +232,7 @@ class ConsistencyMethod(Method):
 
     name = "consistency"
     Config = ConsistencyConfig
+    phase_names = ("student",)
 
     def __init__(self, run_config):
         super().__init__(run_config)

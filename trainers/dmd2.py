@@ -65,10 +65,11 @@ class DMD2Config:
     # it the teacher is unguided (w = 1). [0, 1] = everywhere (DMD2). Guidance limited to the middle levels keeps
     # class identity at less cost to diversity and detail (Kynkaenniemi et al. 2024, "Applying guidance in a limited
     # interval"; their EDM2 interval, noise-to-signal 0.28-5.42, is t = 167-882 on the digits16 teacher; its
-    # README stage used [0.17, 0.89]).
+    # staged run in docs/results/dmd2_digits16.md used [0.17, 0.89]).
     real_guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    # Distribution-matching noise levels t ~ U[min_t T, max_t T] (fractions of the T training timesteps).
+    # Lower end of the distribution-matching noise levels t ~ U[min_t T, max_t T] (a fraction of the T timesteps).
     min_t: float = 0.02
+    # Upper end of the distribution-matching noise levels (a fraction of the T training timesteps).
     max_t: float = 0.98
     # How noise levels are drawn, for the DM gradient and the fake score's denoising loss: "uniform" draws the
     # timestep uniformly (DMD2's Stable Diffusion code); "karras" draws an index uniformly from T noise levels spaced
@@ -79,8 +80,9 @@ class DMD2Config:
     timestep_sampling: str = "uniform"
     # Two time-scale update rule: fake-score updates per student update (the student phase runs every k steps).
     fake_updates_per_student: int = 5
-    # GAN term weights (0 = off): student loss softplus(-D(fake)), critic loss softplus(-D(real)) + softplus(D(fake)).
+    # Weight of the GAN term in the student loss, softplus(-D(fake)) (0 = off; DMD2: 1e-3 to 5e-3).
     gan_weight_student: float = 0.0
+    # Weight of the critic loss softplus(-D(real)) + softplus(D(fake)) in the fake-score phase (0 = off; DMD2: 1e-2).
     gan_weight_critic: float = 0.0
     # Width of the GAN head on the fake score's bottleneck (mid_block) features.
     gan_head_channels: int = 64
@@ -134,6 +136,7 @@ class DMD2Method(Method):
 
     name = "dmd2"
     Config = DMD2Config
+    phase_names = ("student", "fake_score")
     # A run may continue with new loss weights, real-score guidance, noise ranges and TTUR ratio (train
     # --allow-changes), e.g. a larger GAN weight late in training. A new TTUR ratio needs a constant student LR
     # schedule: a decaying one counts student updates, and its length would no longer match its position.

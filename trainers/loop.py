@@ -42,7 +42,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from stepdistill.config import OptimConfig, RunConfig, load_config, save_config, to_dict
+from stepdistill.config import OptimConfig, RunConfig, check_optim_phases, load_config, save_config, to_dict
 from stepdistill.data import build_dataset
 from stepdistill.errors import ConfigError, UserError
 from stepdistill.utils import save_grid
@@ -212,7 +212,7 @@ def _stage_changeable(cfg: RunConfig, key: str) -> bool:
     return len(parts) == 2 and parts[0] == "method_args" and parts[1] in get_method(cfg.method).stage_changes
 
 
-def _plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
+def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
                   allow_changes: bool = False) -> tuple[str, list[tuple[str, Any, Any]]]:
     """Decide (read-only) what to do with ``out``: "fresh", "resume" or "overwrite", and the config changes a
     resumed run continues with (only with ``allow_changes``); raise UserError on a conflict."""
@@ -282,10 +282,10 @@ def _validate_phases(phases: list[Phase], cfg: RunConfig) -> list[OptimConfig]:
         if ids & seen:
             raise ValueError(f"phase '{p.name}' of method '{cfg.method}' shares parameters with another phase")
         seen |= ids
-    unknown = sorted(set(cfg.optim) - set(names))
-    if unknown:
-        raise ConfigError(f"config key 'optim.{unknown[0]}' is not a phase of method '{cfg.method}' "
-                          f"(its phases: {', '.join(names)})")
+    declared = list(get_method(cfg.method).phase_names)
+    if names != declared:
+        raise ValueError(f"method '{cfg.method}' declares phase_names {declared} but phases() returns {names}")
+    check_optim_phases(cfg, names)
     from diffusers.optimization import SchedulerType
 
     valid = [s.value for s in SchedulerType]
@@ -394,7 +394,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     if tc.tracker not in ("tensorboard", "none"):
         raise ConfigError(f"config key 'train.tracker' must be 'tensorboard' or 'none', got {tc.tracker!r}")
     # Every process decides from the same untouched folder; nothing is written before all have decided.
-    mode, changes = _plan_out_dir(cfg, out, resume, overwrite, allow_changes)
+    mode, changes = plan_out_dir(cfg, out, resume, overwrite, allow_changes)
 
     # Same seed on every rank for construction, so all ranks build identical weights (DDP also broadcasts them).
     seed_everything(cfg.seed)

@@ -47,6 +47,7 @@ class TeacherMethod(Method):
 
     name = "teacher"
     Config = TeacherConfig
+    phase_names = ("main",)
 
     def __init__(self, run_config):
         super().__init__(run_config)

@@ -65,8 +65,9 @@ def _dry_run(cfg, args: argparse.Namespace) -> int:
                                  allow_changes=args.allow_changes)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     what = {"fresh": f"start a new run in '{args.out}'", "overwrite": f"replace the run folder '{args.out}'",
-            "resume": f"resume the run in '{args.out}'"}[mode]
-    if changes:
+            "resume": f"resume the run in '{args.out}'",
+            "restart": f"replace the run in '{args.out}', which stopped before its first checkpoint"}[mode]
+    if changes and mode == "resume":
         what += " as a new stage changing " + ", ".join(k for k, _, _ in changes)
     print(f"# dry run: would {what}; nothing was written")
     return 0

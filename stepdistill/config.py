@@ -272,7 +272,60 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, met
     check_optim_phases(cfg, method_cls.phase_names)
     # Every phase gets its optimizer section, defaults filled in, so the resolved config says what trains.
     cfg.optim = {n: cfg.optim.get(n, OptimConfig()) for n in method_cls.phase_names}
+    check_values(cfg)
     return cfg
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def check_values(cfg: RunConfig) -> None:
+    """A ConfigError naming the first run-level value (data, train, optim) outside its valid range.
+
+    Called when a config is loaded and again by the loop, so that a bad value is refused before anything is built
+    or written (a NaN learning rate would otherwise train to NaN and export it).
+    """
+    import math
+
+    def need(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    d, t = cfg.data, cfg.train
+    need(d.batch_size >= 1, "data.batch_size", "a positive integer (images per process and micro-batch)",
+         d.batch_size)
+    need(d.resolution >= 1, "data.resolution", "a positive number of pixels", d.resolution)
+    need(d.num_workers >= 0, "data.num_workers", "0 or more", d.num_workers)
+    need(t.max_steps >= 1, "train.max_steps", "at least 1 (0 steps would export the untrained copy)", t.max_steps)
+    need(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)
+    need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " / ".join(MIXED_PRECISION),
+         t.mixed_precision)
+    need(finite(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0 = no EMA)", t.ema_decay)
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "0 (only at the end) or a positive number of steps",
+         t.checkpoint_every)
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1", t.keep_checkpoints)
+    need(t.log_every >= 1, "train.log_every", "a positive number of steps", t.log_every)
+    need(t.sample_every >= 0, "train.sample_every", "0 (only at the end) or a positive number of steps",
+         t.sample_every)
+    need(t.tracker in ("tensorboard", "none"), "train.tracker", "'tensorboard' or 'none'", t.tracker)
+    for name, oc in cfg.optim.items():
+        k = f"optim.{name}."
+        need(finite(oc.lr) and oc.lr > 0, k + "lr", "a finite number > 0", oc.lr)
+        need(finite(oc.beta1) and 0 <= oc.beta1 < 1, k + "beta1", "in [0, 1)", oc.beta1)
+        need(finite(oc.beta2) and 0 <= oc.beta2 < 1, k + "beta2", "in [0, 1)", oc.beta2)
+        need(finite(oc.eps) and oc.eps > 0, k + "eps", "a finite number > 0", oc.eps)
+        need(finite(oc.weight_decay) and oc.weight_decay >= 0, k + "weight_decay", "a finite number >= 0",
+             oc.weight_decay)
+        need(oc.warmup_steps >= 0, k + "warmup_steps", "0 or more", oc.warmup_steps)
+        need(finite(oc.max_grad_norm) and oc.max_grad_norm >= 0, k + "max_grad_norm",
+             "a finite number >= 0 (0 = no clipping)", oc.max_grad_norm)
+        from diffusers.optimization import SchedulerType
+
+        valid = [s.value for s in SchedulerType]
+        need(oc.lr_schedule in valid, k + "lr_schedule", "one of " + ", ".join(valid), oc.lr_schedule)
 
 
 def check_optim_phases(cfg: RunConfig, phase_names: tuple[str, ...] | list[str]) -> None:

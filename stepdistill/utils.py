@@ -38,6 +38,34 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int | None = None) -> 
     Image.fromarray(make_grid(images, nrow=nrow, upscale=upscale)).save(path)
 
 
+def replace_dir(final: str | Path, write) -> Path:
+    """Write a folder through ``write(folder)`` beside ``final``, then swap it in: a process killed at any moment
+    leaves the previous ``final`` whole (between the two renames, as ``.old-NAME``, which the next call restores).
+
+    ``write`` gets a folder with ``final``'s own name (inside a ``.tmp-NAME`` staging folder), so files that quote
+    their folder's name (model cards) name the final one.
+    """
+    import os
+
+    final = Path(final)
+    staging, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
+    if old.exists() and not final.exists():  # killed between the renames last time: the old folder is whole
+        os.rename(old, final)
+    for stale in (staging, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    target = staging / final.name
+    target.mkdir(parents=True)
+    write(target)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(target, final)
+    shutil.rmtree(staging)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
 def check_out_dir(path: str | Path, overwrite: bool) -> None:
     """Raise UserError unless :func:`prepare_out_dir` may use ``path`` (read-only: call it before long work)."""
     p = Path(path)

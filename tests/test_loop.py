@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:  # _toy_method lives beside this file; tests/ need not be a package
     sys.path.insert(0, str(HERE))
 
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from stepdistill.config import OptimConfig, from_dict, load_config  # noqa: E402
@@ -97,19 +99,20 @@ def _logged_steps(run: Path) -> list[int]:
     return steps
 
 
-def _assert_same_final_state(a: Path, b: Path) -> None:
+def _assert_same_final_state(a: Path, b: Path, steps: int = MAX_STEPS) -> None:
     """Weights, EMA, optimizer and scheduler states of the final checkpoints and the exports are bitwise equal."""
-    ca, cb = a / "checkpoints" / f"step-{MAX_STEPS}", b / "checkpoints" / f"step-{MAX_STEPS}"
+    ca, cb = a / "checkpoints" / f"step-{steps}", b / "checkpoints" / f"step-{steps}"
     wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
     assert wa.keys() == wb.keys() and any("student" in k for k in wa)
     assert not any(k.startswith("teacher.") for k in wa), "frozen teacher weights should not be checkpointed"
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    ema_a = torch.load(ca / "custom_checkpoint_0.pkl", weights_only=False)
-    ema_b = torch.load(cb / "custom_checkpoint_0.pkl", weights_only=False)
-    assert ema_a["optimization_step"] == ema_b["optimization_step"] == MAX_STEPS
-    for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"], strict=True):
-        assert torch.equal(x, y)
+    assert not list(ca.glob("custom_checkpoint_*")), "no pickled custom state"
+    with safe_open(str(ca / "ema.safetensors"), "pt") as fa, safe_open(str(cb / "ema.safetensors"), "pt") as fb:
+        assert json.loads(fa.metadata()["ema"])["optimization_step"] == steps
+        assert fa.metadata() == fb.metadata() and fa.keys() == fb.keys() and len(fa.keys()) == 4
+        for k in fa.keys():
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k))
     for name in ("optimizer.bin", "optimizer_1.bin"):
         sa, sb = torch.load(ca / name, weights_only=False)["state"], torch.load(cb / name, weights_only=False)["state"]
         assert sa.keys() == sb.keys()
@@ -125,7 +128,7 @@ def _assert_same_final_state(a: Path, b: Path) -> None:
     # The logged losses of every step match too (a resumed run replays nothing and skips nothing).
     la = [json.loads(s) for s in (a / "logs.jsonl").read_text().splitlines()]
     lb = [json.loads(s) for s in (b / "logs.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, MAX_STEPS + 1))
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, steps + 1))
     for ra, rb in zip(la, lb):
         assert {k: v for k, v in ra.items() if "/" in k} == {k: v for k, v in rb.items() if "/" in k}
 
@@ -205,23 +208,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run(tmp_path):
-    run, hashes = tmp_path / "run", tmp_path / "hashes"
+def _two_process_cmd(run: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *_cmd(run, extra)[1:]]
+
+
+def test_two_process_run_killed_and_resumed(tmp_path, capsys):
+    """2 processes, killed past a checkpoint, resumed on 2: identical to the uninterrupted 2-process run; its
+    checkpoints hold only trained tensors under unwrapped names; and the finished run resumes on 1 process."""
+    steps = 12
+    extra = [f"train.max_steps={steps}", "train.checkpoint_every=3", "train.tracker=none"]
+    ref, hashes = tmp_path / "ref", tmp_path / "hashes"
     hashes.mkdir()
-    steps = 6
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           *_cmd(run, [f"train.max_steps={steps}", "train.checkpoint_every=3", "train.tracker=none"])[1:]]
-    res = subprocess.run(cmd, env=_env(TOY_HASH_DIR=str(hashes)), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_two_process_cmd(ref, extra), env=_env(TOY_HASH_DIR=str(hashes)), capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    h0, h1 = (hashes / "rank0.txt").read_text(), (hashes / "rank1.txt").read_text()
-    assert h0 == h1  # DDP kept both ranks' weights (incl. the frozen teacher) identical
-    assert _logged_steps(run) == list(range(1, steps + 1))  # logged once, by the main process
-    state = ckpt.read_loop_state(run / "checkpoints" / f"step-{steps}")
-    assert state["world_size"] == 2 and state["step"] == steps
-    # Each rank wrote its own RNG state into the shared checkpoint; nothing else is duplicated.
-    names = sorted(p.name for p in (run / "checkpoints" / f"step-{steps}").iterdir())
-    assert "random_states_0.pkl" in names and "random_states_1.pkl" in names
+    assert (hashes / "rank0.txt").read_text() == (hashes / "rank1.txt").read_text()  # DDP kept the ranks equal
+    assert _logged_steps(ref) == list(range(1, steps + 1))  # logged once, by the main process
+    last = ref / "checkpoints" / f"step-{steps}"
+    assert ckpt.read_loop_state(last)["world_size"] == 2
+    names = sorted(p.name for p in last.iterdir())
+    assert "random_states_0.pkl" in names and "random_states_1.pkl" in names  # each rank's own RNG state
+    keys = set(load_file(last / "model.safetensors"))
+    assert keys == {"student.0.weight", "student.0.bias", "student.3.weight", "student.3.bias", "critic.0.weight",
+                    "critic.0.bias", "critic.2.weight", "critic.2.bias"}  # no frozen teacher, no "module."
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_two_process_cmd(run, extra), env=_env(TOY_SLEEP="0.05"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: any(s >= 7 for s in _logged_steps(run)), proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    assert not (run / "pipeline").exists() and ckpt.latest_checkpoint(run / "checkpoints") is not None
+    res = subprocess.run(_two_process_cmd(run, extra), env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "resuming from" in res.stderr
+    _assert_same_final_state(ref, run, steps)
+
+    capsys.readouterr()
+    train(_cfg([*extra, f"train.max_steps={steps + 2}"]), run)  # the same run, continued on one process
+    assert "resuming a 2-process run on 1 processes" in capsys.readouterr().err
+    assert _logged_steps(run)[-3:] == [steps, steps + 1, steps + 2]
     assert (run / "pipeline" / "student.safetensors").is_file()
 
 
@@ -355,3 +382,132 @@ def test_sampler_restarts_exactly_and_shards_disjointly():
     first_epoch = lambda s: [i for b in [next(s) for _ in range(4)] for i, _ in b][:25]  # 25 items per rank-epoch
     a, b = first_epoch(iter(full)), first_epoch(other)
     assert len(set(a)) == 25 and not set(a) & set(b)
+
+
+class _Boom:
+    """Unpickling this runs code: it creates the file named by ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_resume_never_unpickles_code_from_a_run_folder(tmp_path, capsys):
+    """A crafted run folder (pickles that run code in place of the EMA, the RNG states and an optimizer state)
+    resumes without running any of it: the tampered newest checkpoint is skipped with a warning, the previous one
+    used."""
+    run = tmp_path / "run"
+    train(_cfg(["train.max_steps=10"]), run)
+    newest = run / "checkpoints" / "step-10"
+    marker = tmp_path / "pwned"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"):
+        torch.save({"state": _Boom(str(marker))}, newest / name)
+    torch.load(newest / "optimizer.bin", weights_only=False)  # the crafted file is live: unpickling runs its code
+    assert marker.exists()
+    marker.unlink()
+    capsys.readouterr()
+    train(_cfg(["train.max_steps=12"]), run)
+    err = capsys.readouterr().err
+    assert not marker.exists(), "resume ran code from a pickle in the run folder"
+    assert "checkpoint" in err and "step-10" in err and "pickled state" in err and "resuming from" in err
+    assert "step-5" in err.split("resuming from")[1].splitlines()[0]
+    assert _logged_steps(run)[-1] == 12
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference_run, tmp_path, capsys):
+    """A cut-short model.safetensors in the newest checkpoint: resume from the one before it (with a warning line),
+    and the result is still the uninterrupted run."""
+    run = tmp_path / "run"
+    train(_cfg(), run)  # checkpoints at 15 and 20
+    weights = run / "checkpoints" / f"step-{MAX_STEPS}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    train(_cfg(), run)  # steps 16-20 again from step-15
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning: checkpoint")]
+    assert len(warning) == 1 and f"step-{MAX_STEPS}" in warning[0] and "trying the previous one" in warning[0]
+    assert "step-15 (step 15)" in err
+    _assert_same_final_state(reference_run, run)
+
+
+def test_no_loadable_checkpoint_is_one_line_error(tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(["train.max_steps=5", "train.keep_checkpoints=1"]), run)
+    (run / "checkpoints" / "step-5" / "model.safetensors").write_bytes(b"not safetensors")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="no checkpoint of .* can be loaded \\(newest, 'step-5'"):
+        train(_cfg(["train.max_steps=8"]), run)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_diverging_loss_stops_with_one_line_error_and_exports_nothing(tmp_path):
+    import _toy_method
+
+    run = tmp_path / "run"
+
+    orig = _toy_method.ToyMethod.loss
+
+    def nan_at_step_6(self, phase, batch, step):
+        loss, logs = orig(self, phase, batch, step)
+        return (loss * float("nan") if step == 6 and phase == "critic" else loss), logs
+
+    _toy_method.ToyMethod.loss = nan_at_step_6
+    try:
+        with pytest.raises(UserError, match=r"the critic loss is nan at step 7: training diverged, nothing was "
+                                            r"exported; its last checkpoint is step 5"):
+            train(_cfg(), run)
+    finally:
+        _toy_method.ToyMethod.loss = orig
+    assert not (run / "pipeline").exists()
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [5]
+    w = load_file(run / "checkpoints" / "step-5" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_failed_start_does_not_block_the_corrected_rerun(tmp_path, capsys):
+    """A run that stopped before its first checkpoint is replaced by the corrected rerun instead of being refused
+    as "a run with a different config"."""
+    import _toy_method
+
+    run = tmp_path / "run"
+    orig = _toy_method.ToyMethod.loss
+    _toy_method.ToyMethod.loss = lambda self, phase, batch, step: (torch.tensor(float("inf")), {})
+    try:
+        with pytest.raises(UserError, match="diverged"):
+            train(_cfg(["optim.critic.lr=0.5"]), run)
+    finally:
+        _toy_method.ToyMethod.loss = orig
+    assert (run / "config.yaml").is_file() and not ckpt.list_checkpoints(run / "checkpoints")
+    capsys.readouterr()
+    train(_cfg(["train.max_steps=6"]), run)
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert load_config(run / "config.yaml").optim["critic"].lr == 0.002
+    assert _logged_steps(run) == list(range(1, 7))
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_anything(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot create output folder .*is a file"):
+        train(_cfg(), blocker / "run")
+    import tempfile
+
+    # pytest's tmp folders are private to root; the unprivileged user needs a path it can traverse.
+    ro = Path(tempfile.mkdtemp(prefix="stepdistill-ro-"))
+    ro.chmod(0o555)
+    try:
+        probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                                f"import os; os.mkdir({str(ro / 'x')!r})"], capture_output=True)
+        if probe.returncode == 0 or not os.access(sys.executable, os.X_OK):
+            pytest.skip("cannot run as an unprivileged user here")
+        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *_cmd(ro / "run")],
+                             env=_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert "error: output folder" in res.stderr.strip().splitlines()[-1]
+        assert "cannot be written" in res.stderr and "Traceback" not in res.stderr
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+        shutil.rmtree(ro)

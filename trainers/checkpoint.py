@@ -1,8 +1,11 @@
 """Atomic, resumable checkpoints of the training loop.
 
 A checkpoint is a folder ``checkpoints/step-N`` (N = completed loop steps) holding what
-``accelerator.save_state`` writes (models, optimizers, LR schedulers, grad scaler, RNG states, registered objects
-such as the EMA), a ``loop_state.json`` and, written last, a ``COMPLETE`` marker. It is written as
+``accelerator.save_state`` writes (the trained weights as safetensors, optimizers, LR schedulers, grad scaler, RNG
+states), the loop's own extra files (the EMA as ``ema.safetensors``), a ``loop_state.json`` and, written last, a
+``COMPLETE`` marker. Nothing in it is a pickle that resume would load unchecked: accelerate reads its ``.bin`` /
+``.pkl`` files with ``torch.load(weights_only=True)``, and objects registered for checkpointing (which accelerate
+reloads with ``weights_only=False``) are never used. It is written as
 ``checkpoints/.tmp-step-N`` and renamed into place only once complete, so a process killed at any moment leaves
 either the previous checkpoints untouched or a ``.tmp-*`` folder that the next resume deletes. ``checkpoints/latest``
 (a one-line text file, replaced atomically) names the newest checkpoint for people and tools; resume itself scans
@@ -16,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +137,8 @@ def _delete(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dict[str, Any], keep: int,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """Atomically write checkpoint ``step-{step}`` under ``ckpt_dir``; call on every process.
 
     Args:
@@ -143,6 +148,7 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dic
         step: completed loop steps.
         loop_state: JSON-able loop bookkeeping (step, data position, ...).
         keep: number of complete checkpoints to keep (at least 1).
+        write_extra: called by the main process with the folder being written, to add files of its own.
 
     Returns:
         The final checkpoint folder.
@@ -157,6 +163,8 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dic
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
         (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
         fsync_tree(tmp)
         _test_sleep(step)

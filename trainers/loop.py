@@ -42,10 +42,18 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from stepdistill.config import OptimConfig, RunConfig, check_optim_phases, load_config, save_config, to_dict
+from stepdistill.config import (
+    OptimConfig,
+    RunConfig,
+    check_optim_phases,
+    check_values,
+    load_config,
+    save_config,
+    to_dict,
+)
 from stepdistill.data import build_dataset
-from stepdistill.errors import ConfigError, UserError
-from stepdistill.utils import save_grid
+from stepdistill.errors import ConfigError, DataError, UserError, first_line
+from stepdistill.utils import replace_dir, save_grid
 
 from . import checkpoint as ckpt
 from . import get_method
@@ -216,10 +224,15 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
                   allow_changes: bool = False) -> tuple[str, list[tuple[str, Any, Any]]]:
     """Decide (read-only) what to do with ``out``: "fresh", "resume" or "overwrite", and the config changes a
     resumed run continues with (only with ``allow_changes``); raise UserError on a conflict."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path '{out}' is a file, not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return "fresh", []
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output path '{out}' is a file, not a folder")
+        _check_writable(out)
+        if not out.exists() or not any(out.iterdir()):
+            return "fresh", []
+    except PermissionError as e:
+        raise UserError(f"output folder '{out}' cannot be reached ({e.strerror}); choose another --out or fix the "
+                        "permissions of its parent folders") from None
     if overwrite:
         return "overwrite", []
     cfg_file = out / "config.yaml"
@@ -237,6 +250,10 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
     diff = _config_diff(cfg, saved)
     if not diff:
         return "resume", []
+    if not ckpt.list_checkpoints(out / "checkpoints") and not (out / "pipeline").exists():
+        # A start that failed before its first checkpoint (a bad value, a diverged loss): nothing trained is lost,
+        # so the corrected rerun replaces it instead of being refused as a different run.
+        return "restart", diff
     fixed = [d for d in diff if not _stage_changeable(cfg, d[0])]
     if fixed:
         raise UserError(f"output folder '{out}' holds a run with a different config ({_shown(fixed)}); cannot "
@@ -247,6 +264,38 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
                         "to replace it, or choose another output folder")
     get_method(cfg.method).check_stage_change(saved, cfg)
     return "resume", diff
+
+
+def _accelerate_launch_processes() -> int | None:
+    """The ``--num_processes`` of an ``accelerate launch`` that started this process directly (its simple
+    launcher, used for ``--cpu``, runs one process whatever was asked), or None; Linux only (reads /proc)."""
+    try:
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+    if "launch" not in args or not any(Path(a).name == "accelerate" for a in args[:3]):
+        return None
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--num_processes=") else (
+            args[i + 1] if a == "--num_processes" and i + 1 < len(args) else None)
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _check_writable(out: Path) -> None:
+    """A UserError unless ``out`` (or the folder it would be created in) accepts new files; probed by creating and
+    removing an empty folder, since permission bits do not tell (root, read-only mounts)."""
+    import tempfile
+
+    base = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not base.is_dir():
+        raise UserError(f"cannot create output folder '{out}': '{base}' is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".stepdistill-probe-", dir=base))
+    except OSError as e:
+        raise UserError(f"output folder '{out}' cannot be written ({e.strerror} in '{base}'); choose another --out "
+                        "or make it writable") from None
 
 
 def _apply_config_lrs(optim_cfgs: list[OptimConfig], schedulers: list) -> None:
@@ -286,15 +335,7 @@ def _validate_phases(phases: list[Phase], cfg: RunConfig) -> list[OptimConfig]:
     if names != declared:
         raise ValueError(f"method '{cfg.method}' declares phase_names {declared} but phases() returns {names}")
     check_optim_phases(cfg, names)
-    from diffusers.optimization import SchedulerType
-
-    valid = [s.value for s in SchedulerType]
-    optim_cfgs = [cfg.optim.get(n, OptimConfig()) for n in names]
-    for n, oc in zip(names, optim_cfgs):
-        if oc.lr_schedule not in valid:
-            raise ConfigError(f"config key 'optim.{n}.lr_schedule' must be one of {', '.join(valid)}, got "
-                              f"{oc.lr_schedule!r}")
-    return optim_cfgs
+    return [cfg.optim.get(n, OptimConfig()) for n in names]
 
 
 def _make_scheduler(oc: OptimConfig, phase: Phase, optimizer: torch.optim.Optimizer, max_steps: int) -> Any:
@@ -352,9 +393,106 @@ class _Meter:
         self.count += 1
 
 
+def _stop_if_not_finite(accelerator: Any, loss: torch.Tensor, phase: str, step: int, resume_point: list[int]) -> None:
+    """Stop every process with a one-line error when any process's loss is NaN or infinite (before the update, so
+    no non-finite value reaches the weights, a checkpoint or the export)."""
+    bad = accelerator.reduce((~torch.isfinite(loss.detach().float())).float().reshape(1), reduction="sum")
+    if bad.item() > 0:
+        where = (f"its last checkpoint is step {resume_point[0]}: rerun with a lower learning rate and "
+                 "--allow-changes to continue from it" if resume_point[0] else "no checkpoint was written")
+        raise UserError(f"the {phase} loss is {float(loss.detach())} at step {step + 1}: training diverged, nothing "
+                        f"was exported; {where}")
+
+
 def _write_log_line(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+# --- checkpoint contents -----------------------------------------------------------------------------------------
+EMA_FILE = "ema.safetensors"
+
+
+def _unwrapped_name(key: str) -> str:
+    """A parameter name as the unwrapped method has it (DDP prefixes ``module.``)."""
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def _keep_trained(weights: list[dict], frozen: set[str]) -> None:
+    """accelerate save hook: the state dicts to save, renamed to unwrapped names and without frozen parameters."""
+    for w in weights:
+        kept = {_unwrapped_name(k): v for k, v in w.items() if _unwrapped_name(k) not in frozen}
+        w.clear()
+        w.update(kept)
+
+
+def _load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set[str]) -> None:
+    """accelerate load hook: load ``model.safetensors`` into the unwrapped method by its own names, check that every
+    trained tensor is there, and take the model off accelerate's list (it would load by the wrapped names)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"'{path}' is missing")
+    state = {_unwrapped_name(k): v for k, v in load_file(str(path)).items()}
+    expected = method.state_dict()
+    missing = [k for k in expected if k not in state and k not in frozen]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"its weights do not fit this method (missing {', '.join(missing[:3]) or 'none'}; "
+                        f"unexpected {', '.join(unexpected[:3]) or 'none'})")
+    method.load_state_dict(state, strict=False)
+    models.clear()
+
+
+def _save_ema(ema: Any, folder: Path) -> None:
+    """The EMA's shadow weights as safetensors, its counters as JSON metadata of the same file."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, str(folder / EMA_FILE),
+              metadata={"ema": json.dumps(state)})
+
+
+def _load_ema(ema: Any, folder: Path) -> None:
+    from safetensors import safe_open
+
+    path = folder / EMA_FILE
+    if not path.is_file():
+        raise UserError(f"it holds no {EMA_FILE} although the run keeps an EMA")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["ema"])
+        shadow = [f.get_tensor(f"shadow.{i}") for i in range(len(f.keys()))]
+    ema.load_state_dict({**meta, "shadow_params": shadow})
+
+
+def _load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: bool) -> tuple[Path | None, dict]:
+    """Load the newest complete checkpoint that loads; one that does not (truncated, tampered with, written by an
+    older version) is reported in a warning line and the previous one is tried. Returns (folder, loop state)."""
+    found = ckpt.list_checkpoints(ckpt_dir)
+    first_problem = None
+    for _, path in reversed(found):
+        try:
+            pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+            if pickled:
+                raise UserError(f"it holds a pickled state ({pickled[0]}, as stepdistill 0.1 saved the EMA), which "
+                                "is never loaded because a pickle can run code")
+            state = ckpt.read_loop_state(path)
+            accelerator.load_state(str(path))
+            if ema is not None:
+                _load_ema(ema, path)
+            return path, state
+        except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable, the previous one may serve
+            first_problem = first_problem or (path, first_line(e))
+            if main:
+                print(f"warning: checkpoint '{path}' cannot be loaded ({first_line(e)}); trying the previous one",
+                      file=sys.stderr)
+    if first_problem is not None:
+        path, why = first_problem
+        raise UserError(f"no checkpoint of '{ckpt_dir.parent}' can be loaded (newest, '{path.name}': {why}); pass "
+                        "--overwrite to start the run afresh, or --out another folder")
+    return None, {}
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -389,10 +527,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     out = Path(out_dir)
     tc = cfg.train
-    if tc.max_steps < 0 or tc.grad_accum < 1:
-        raise ConfigError("train.max_steps must be >= 0 and train.grad_accum >= 1")
-    if tc.tracker not in ("tensorboard", "none"):
-        raise ConfigError(f"config key 'train.tracker' must be 'tensorboard' or 'none', got {tc.tracker!r}")
+    check_values(cfg)  # also for configs built in code, not through load_config
     # Every process decides from the same untouched folder; nothing is written before all have decided.
     mode, changes = plan_out_dir(cfg, out, resume, overwrite, allow_changes)
 
@@ -406,6 +541,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     dc = cfg.data
     dataset = build_dataset(dc.source, dc.resolution, dc.center_crop, dc.random_flip, dc.image_column,
                             dc.caption_column)
+    try:
+        dataset[0]  # the first item decodes (a corrupt file fails here, not after the run folder exists)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoding error of the user's data is reported as one line
+        raise DataError(f"data source '{dc.source}': its first item cannot be read ({first_line(e)})") from None
 
     log_with = None
     if tc.tracker == "tensorboard":
@@ -417,6 +558,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     if len(phases) > 1:
         # Each phase's loss reaches only part of the trainable parameters, so DDP must not wait for the rest.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    has_device = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+    if tc.mixed_precision == "fp16" and not has_device:
+        raise ConfigError("config key 'train.mixed_precision' is 'fp16', which needs a GPU; use 'bf16' or 'no' on "
+                          "the CPU")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         # train() may run several times in one process (tests, notebooks, sweeps); accelerate's process-wide state
@@ -425,7 +570,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    has_device = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
     accelerator = Accelerator(
         # accelerate ignores a torchrun/launcher world on a machine without an accelerator unless told to use the
         # CPU, and would then run WORLD_SIZE independent copies writing into the same folder.
@@ -445,9 +589,18 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
+    asked = _accelerate_launch_processes()
+    if main and asked is not None and asked > world:
+        print(f"warning: `accelerate launch` was asked for {asked} processes but this run has {world}: its --cpu "
+              "launcher starts a single process; for several processes on a CPU-only machine use `accelerate launch "
+              "--multi_gpu --num_processes N` or `python -m torch.distributed.run --nproc_per_node N`",
+              file=sys.stderr)
     ckpt_dir, log_file = out / "checkpoints", out / "logs.jsonl"
     if main:
-        if mode == "overwrite":
+        if mode == "restart":
+            print(f"replacing the run in '{out}', which stopped before its first checkpoint, by this one "
+                  f"({_shown(changes)})", file=sys.stderr)
+        if mode in ("overwrite", "restart"):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if mode == "resume":
@@ -466,19 +619,18 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     model, optimizers = prepared[0], list(prepared[1 : 1 + len(phases)])
     schedulers = list(prepared[1 + len(phases) :])
 
-    # Frozen parameters (the teacher, LoRA base weights) are rebuilt by the method's constructor, so checkpoints
-    # leave them out: a checkpoint holds what training changes, not a copy of a multi-GB teacher.
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    plain_state = accelerator.distributed_type.value not in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+    # Checkpoints hold the trained state only, under the unwrapped method's parameter names, whatever the process
+    # count (so a run resumes on another number of processes). Frozen parameters (the teacher, LoRA base weights)
+    # are rebuilt by the method's constructor and never saved: a checkpoint holds what training changes, not a copy
+    # of a multi-GB teacher. accelerate's own model saving is wrapped by its state hooks because it would save
+    # every parameter and load by the names of the wrapped (DDP) model. FSDP/DeepSpeed keep accelerate's format.
+    frozen = {n for n, p in method.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if accelerator.distributed_type.value not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        accelerator.register_save_state_pre_hook(lambda models, weights, _: _keep_trained(weights, frozen))
+        accelerator.register_load_state_pre_hook(lambda models, folder: _load_trained(method, models, folder, frozen))
 
-    def _drop_frozen(models: list, weights: list[dict], output_dir: str) -> None:
-        for w in weights:
-            for k in [k for k in w if k in frozen]:
-                del w[k]
-
-    if frozen and plain_state:
-        accelerator.register_save_state_pre_hook(_drop_frozen)
-
+    # The EMA is saved by the loop as safetensors (ema.safetensors), not registered with accelerate, which would
+    # pickle it and load the pickle with weights_only=False: a copied run folder could then run code on resume.
     ema, ema_params = None, []
     ema_net = method.ema_network() if tc.ema_decay > 0 else None
     if ema_net is not None:
@@ -486,32 +638,18 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
         ema_params = list(ema_net.parameters())
         ema = EMAModel(ema_params, decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup)
-        accelerator.register_for_checkpointing(ema)
 
     # Resume. The loop keeps its own data position instead of using accelerate's prepared dataloader +
     # skip_first_batches: skipping re-iterates (and re-loads) every consumed batch, and accelerate's sharding of a
     # custom sampler is hard to make exact; our sampler jumps straight to batch k of this rank.
     start, consumed = 0, 0
-    resume_from = ckpt.latest_checkpoint(ckpt_dir) if mode == "resume" else None
+    resume_from = None
+    if mode == "resume":
+        resume_from, state = _load_newest_checkpoint(accelerator, ckpt_dir, ema, main)
     if resume_from is not None:
-        state = ckpt.read_loop_state(resume_from)
         if state.get("world_size", world) != world and main:
             print(f"warning: resuming a {state['world_size']}-process run on {world} processes; the data order "
                   "and per-rank noise will differ from an uninterrupted run", file=sys.stderr)
-        load_kwargs = {}
-        weights_file = resume_from / "model.safetensors"
-        if frozen and plain_state and weights_file.is_file():
-            from safetensors import safe_open
-
-            # Loading has to be non-strict (frozen weights are not in the file), so check the rest is there.
-            with safe_open(str(weights_file), framework="pt") as f:
-                saved = set(f.keys())
-            missing = [k for k in model.state_dict() if k not in saved and k not in frozen]
-            if missing:
-                raise UserError(f"checkpoint '{resume_from}' lacks trained weights ({', '.join(missing[:3])}); it "
-                                "was written by a different version of the method: pass --overwrite to start afresh")
-            load_kwargs = {"strict": False}
-        accelerator.load_state(str(resume_from), **load_kwargs)
         if ema is not None:
             ema.to(accelerator.device)  # EMAModel.load_state_dict keeps the shadow weights on the CPU
         start, consumed = int(state["step"]), int(state["batches_consumed"])
@@ -556,10 +694,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     def checkpoint(step: int) -> None:
         state = {"step": step, "batches_consumed": consumed, "world_size": world, "phases": [p.name for p in phases]}
-        ckpt.save_checkpoint(accelerator, ckpt_dir, step, state, tc.keep_checkpoints)
+        extra = (lambda folder: _save_ema(ema, folder)) if ema is not None else None
+        ckpt.save_checkpoint(accelerator, ckpt_dir, step, state, tc.keep_checkpoints, write_extra=extra)
+        resume_point[0] = step
 
     meters = {p.name: _Meter() for p in phases}
     ga = tc.grad_accum
+    resume_point = [start]  # the newest checkpoint's step, for the divergence message
     bar = tqdm(total=tc.max_steps, initial=start, disable=not main, desc=f"train {cfg.method}", dynamic_ncols=True)
     t_log, consumed_at_log, t0 = time.perf_counter(), consumed, time.time()
     for step in range(start, tc.max_steps):
@@ -573,6 +714,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
                 # Gradients are all-reduced only on the last micro-batch of the update.
                 with accelerator.no_sync(model) if mi < ga - 1 else nullcontext():
                     loss, logs = model(phase.name, batch, step)
+                    _stop_if_not_finite(accelerator, loss, phase.name, step, resume_point)
                     accelerator.backward(loss / ga)
                 meters[phase.name].add(loss, logs)
             if oc.max_grad_norm > 0:
@@ -623,11 +765,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         checkpoint(tc.max_steps)
     sample(tc.max_steps)
     if main:
-        export_dir = out / "pipeline"
-        if export_dir.exists():
-            shutil.rmtree(export_dir)
         with _EMASwap(ema, ema_params):
-            accelerator.unwrap_model(model).export(export_dir)
+            # Written beside and swapped in: a kill never leaves a half-written pipeline/.
+            replace_dir(out / "pipeline", accelerator.unwrap_model(model).export)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

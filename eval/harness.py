@@ -125,18 +125,43 @@ def _digits16_inception_features(device, batch_size: int) -> np.ndarray:
     return feats
 
 
-def _resolve_ref(ref: str, samples: np.ndarray) -> tuple[str, np.ndarray | None, Path | None]:
-    """Classify ``ref`` as ("digits16", images, None), ("folder", images, None) or ("stats", None, path)."""
+def _ref_kind(ref: str) -> str:
+    """"digits16", "stats" or "folder"; a UserError for a reference that does not exist (nothing is loaded)."""
     if ref == "digits16":
-        return "digits16", digits16_uint8()[0], None
+        return "digits16"
     p = Path(ref).expanduser()
     if p.is_file() and p.suffix.lower() == ".npz":
-        return "stats", None, p
+        return "stats"
     if p.is_dir():
-        return "folder", _load_folder(p, samples.shape[1], samples.shape[-1]), None
+        return "folder"
     if p.suffix.lower() == ".npz":
         raise UserError(f"reference statistics file '{ref}' does not exist")
     raise UserError(f"reference '{ref}' is neither 'digits16', an existing stats .npz file nor an image folder")
+
+
+def check_request(ref: str, metrics: list[str] | str, clip_model: str | None) -> list[str]:
+    """The checks of an evaluation request that need no samples (metric names, reference, CLIP model): callers run
+    them before generating or writing anything. Returns the parsed metrics."""
+    metrics = parse_metrics(metrics)
+    if any(m in ("fid", "kid", "fd_digits") for m in metrics):
+        _ref_kind(ref)
+    if "clip" in metrics:
+        if not clip_model:
+            raise UserError("metric 'clip' needs a local CLIP model folder: pass --clip-model PATH")
+        if not Path(clip_model).expanduser().is_dir():
+            raise UserError(f"--clip-model '{clip_model}' is not a local folder (hub ids are not downloaded); "
+                            "download the CLIP model once and pass its folder")
+    return metrics
+
+
+def _resolve_ref(ref: str, samples: np.ndarray) -> tuple[str, np.ndarray | None, Path | None]:
+    """Classify ``ref`` as ("digits16", images, None), ("folder", images, None) or ("stats", None, path)."""
+    kind = _ref_kind(ref)
+    if kind == "digits16":
+        return "digits16", digits16_uint8()[0], None
+    if kind == "stats":
+        return "stats", None, Path(ref).expanduser()
+    return "folder", _load_folder(Path(ref).expanduser(), samples.shape[1], samples.shape[-1]), None
 
 
 def _small_n_warning(n: int, n_ref: int, metrics: list[str]) -> str | None:
@@ -159,7 +184,7 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
     Returns ``{metric: value, ..., "kid_std", "num_samples", "num_ref", "preprocessing": {...}, "warning"}``;
     ``warning`` is None unless the sample counts make a number unreliable.
     """
-    metrics = parse_metrics(metrics)
+    metrics = check_request(ref, metrics, clip_model)
     device = torch.device(device or "cpu")
     images = check_uint8_nhwc(images_uint8, "samples")
     n = len(images)
@@ -171,11 +196,6 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
         if len(labels) != n:
             raise UserError(f"got {len(labels)} labels for {n} samples; accuracy needs one label per sample")
     if "clip" in metrics:
-        if not clip_model:
-            raise UserError("metric 'clip' needs a local CLIP model folder: pass --clip-model PATH")
-        if not Path(clip_model).expanduser().is_dir():
-            raise UserError(f"--clip-model '{clip_model}' is not a local folder (hub ids are not downloaded); "
-                            "download the CLIP model once and pass its folder")
         if prompts is None or len(prompts) != n:
             raise UserError(f"metric 'clip' needs one prompt per sample ({n} samples, "
                             f"{0 if prompts is None else len(prompts)} prompts)")

@@ -65,10 +65,53 @@ def resolve_pipeline_path(name: str) -> str:
     return name
 
 
-def load_pipeline(name: str, device=None, dtype=None):
-    """Load a pipeline by alias, local folder or hub id; our own pipeline classes are picked by model_index.json."""
+def is_lora_export(name: str) -> bool:
+    """A local folder holding a LoRA export without a pipeline of its own (SD-type LCM-LoRA students)."""
+    from .lora import LORA_FILE
+
+    p = Path(name)
+    return p.is_dir() and (p / LORA_FILE).is_file() and not (p / "model_index.json").is_file()
+
+
+def load_lora_export(path: str, base: str | None = None, device=None, dtype=None):
+    """The base pipeline with a LoRA export applied and the export's scheduler swapped in.
+
+    ``base`` defaults to the base model the export records; loading onto a base whose weights differ from the
+    recorded fingerprint warns (:class:`~stepdistill.pipelines.lora.BaseMismatchWarning`).
+    """
+    import diffusers
+
+    from .lora import load_lora, lora_base
+
+    info = lora_base(path) or {}
+    base = base or info.get("base")
+    if not base:
+        raise UserError(f"'{path}' is a LoRA export that does not record its base model; pass --base with the "
+                        "pipeline it was trained on")
+    pipe = load_lora(load_pipeline(base, dtype=dtype), path)
+    sched = Path(path) / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        cls_name = json.loads(sched.read_text()).get("_class_name", "")
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None:
+            raise UserError(f"'{sched}' names an unknown scheduler class '{cls_name}'")
+        pipe.scheduler = cls.from_pretrained(path, subfolder="scheduler")
+    return pipe.to(device) if device is not None else pipe
+
+
+def load_pipeline(name: str, device=None, dtype=None, base: str | None = None):
+    """Load a pipeline by alias, local folder or hub id; our own pipeline classes are picked by model_index.json.
+
+    A LoRA export folder (``pytorch_lora_weights.safetensors`` without a pipeline) loads as its base pipeline
+    (``base``, or the one it records) with the adapters applied. ``base`` is refused for anything else.
+    """
     from diffusers import DiffusionPipeline
 
+    if is_lora_export(name):
+        return load_lora_export(name, base, device, dtype)
+    if base is not None:
+        raise UserError(f"--base applies to LoRA exports (a folder with pytorch_lora_weights.safetensors and no "
+                        f"model_index.json); '{name}' is a full pipeline")
     path = resolve_pipeline_path(name)
     cls = DiffusionPipeline
     index = Path(path) / "model_index.json"
@@ -78,11 +121,20 @@ def load_pipeline(name: str, device=None, dtype=None):
         except json.JSONDecodeError:
             raise UserError(f"'{index}' is not valid JSON") from None
         cls = OUR_PIPELINES.get(cls_name, DiffusionPipeline)
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers' "Loading pipeline components" bar is noise in our commands (and would turn a one-line error into
+    # several lines); switched off for this call only, since the setting is process-wide.
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         pipe = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load pipeline '{name}': {first_line(e)}") from None
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -1,5 +1,10 @@
 """A class-conditional pixel-space pipeline (stock diffusers has none that takes class labels + CFG for
-UNet2DModel). Runs any diffusers scheduler; saves and loads with the usual diffusers round trip."""
+UNet2DModel). Runs any diffusers scheduler; saves and loads with the usual diffusers round trip.
+
+``save_pretrained`` also writes this file into the folder as ``pipeline.py``, so stock diffusers loads the folder
+without stepdistill installed: ``DiffusionPipeline.from_pretrained(path, custom_pipeline=path,
+trust_remote_code=True)``. The file must therefore stay self-contained (diffusers, numpy and torch only).
+"""
 
 from __future__ import annotations
 
@@ -44,9 +49,18 @@ class ClassConditionalPipeline(DiffusionPipeline):
             path: the export folder or the file.
             fuse: merge the adapters into the weights (the UNet stays a plain ``UNet2DModel``).
         """
-        from .lora import load_lora
+        import importlib
 
-        load_lora(self, path, fuse=fuse)
+        # Looked up at call time: a top-level import would make this file (shipped as pipeline.py) need stepdistill.
+        importlib.import_module("stepdistill.pipelines.lora").load_lora(self, path, fuse=fuse)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained``, plus this file as ``pipeline.py`` (loadable as a custom pipeline)."""
+        import shutil
+        from pathlib import Path
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        shutil.copyfile(__file__, Path(save_directory) / "pipeline.py")
 
     @torch.no_grad()
     def __call__(

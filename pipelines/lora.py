@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +24,51 @@ from stepdistill.errors import UserError
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # safetensors metadata key of our class-conditional LoRA files.
 META_KEY = "stepdistill_lora"
+# safetensors metadata key (every LoRA export) of the base model: {"base": id or path, "fingerprint": ...}.
+BASE_KEY = "stepdistill_base"
+
+
+class BaseMismatchWarning(UserWarning):
+    """A LoRA export is being loaded onto another base network than the one it was trained on."""
+
+
+def base_fingerprint(network: nn.Module) -> str:
+    """A short fingerprint of a network's base weights (LoRA adapters left out, peft's ``base_layer`` names folded).
+
+    sha256 over every tensor's name, shape and a strided sample of at most 4096 of its values in float16, so it
+    takes well under a second even for an SD-size UNet, tells fine-tunes of one architecture apart, and does not
+    depend on whether the weights are fp32 or fp16 (a base loaded in bf16 may differ).
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(network.state_dict().items()):
+        if "lora_" in name:
+            continue
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float16).contiguous()
+        h.update(f"{name.replace('.base_layer', '')}{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def lora_base(path: str | Path) -> dict | None:
+    """The base model a LoRA export records (``{"base", "fingerprint"}``), or None for files without the record."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(_lora_file(path)), framework="pt") as h:
+            text = (h.metadata() or {}).get(BASE_KEY)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise UserError(f"'{_lora_file(path)}' is not a readable safetensors LoRA file ({type(e).__name__})") from None
+    return json.loads(text) if text else None
+
+
+def check_base(unet: nn.Module, path: str | Path) -> None:
+    """Warn (BaseMismatchWarning) when ``unet`` is not the base network the LoRA at ``path`` recorded."""
+    info = lora_base(path)
+    if info and info.get("fingerprint") and base_fingerprint(unet) != info["fingerprint"]:
+        warnings.warn(f"the LoRA '{path}' was trained on '{info.get('base')}' (fingerprint {info['fingerprint']}); "
+                      "this pipeline's network has other weights, so its outputs are not the trained student's",
+                      BaseMismatchWarning, stacklevel=3)
 
 
 def _lora_file(path: str | Path) -> Path:
@@ -32,7 +79,7 @@ def _lora_file(path: str | Path) -> Path:
     return f
 
 
-def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool) -> Path:
+def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, base: str | None = None) -> Path:
     """Write the LoRA adapters of ``unet`` to ``out_dir/pytorch_lora_weights.safetensors``.
 
     Args:
@@ -40,8 +87,12 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool) -> 
         out_dir: the export folder.
         lora_config: the ``peft.LoraConfig`` the adapters were made with.
         text: True for SD-type pipelines (diffusers' format), False for ``ClassConditionalPipeline`` (ours).
+        base: the base pipeline the adapters belong on (hub id or path); recorded with the base network's
+            fingerprint in the file's metadata (``stepdistill_base``).
     """
     from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     state = get_peft_model_state_dict(unet)
@@ -57,12 +108,17 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool) -> 
             save_directory=str(out_dir), unet_lora_layers=state, unet_lora_adapter_metadata=meta,
             safe_serialization=True)
     else:
-        from safetensors.torch import save_file
-
         info = {"r": meta["r"], "lora_alpha": meta["lora_alpha"], "target_modules": meta["target_modules"],
                 "network": type(unet).__name__}
         save_file({f"unet.{k}": v.detach().contiguous().cpu() for k, v in state.items()}, str(out_dir / LORA_FILE),
                   metadata={META_KEY: json.dumps(info)})
+    if base is not None:
+        # Added to the metadata of the file as written (diffusers writes its own keys for SD-type files).
+        path = out_dir / LORA_FILE
+        with safe_open(str(path), framework="pt") as h:
+            tensors, metadata = {k: h.get_tensor(k) for k in h.keys()}, dict(h.metadata() or {})
+        metadata[BASE_KEY] = json.dumps({"base": base, "fingerprint": base_fingerprint(unet)})
+        save_file(tensors, str(path), metadata=metadata)
     return out_dir / LORA_FILE
 
 
@@ -111,6 +167,7 @@ def load_lora(pipe, path: str | Path, fuse: bool = True):
     """
     state, meta = _read(path)
     unet = pipe.unet
+    check_base(unet, path)
     if not hasattr(pipe, "load_lora_weights") or type(pipe).__name__ == "ClassConditionalPipeline":
         if meta is None:
             raise UserError(f"'{_lora_file(path)}' is not a class-conditional stepdistill LoRA (no '{META_KEY}' "

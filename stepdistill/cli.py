@@ -13,8 +13,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-METRICS = ("fid", "kid", "fd_digits", "accuracy", "grain", "clip")
-
 
 def _device(name: str | None):
     import torch
@@ -24,14 +22,6 @@ def _device(name: str | None):
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def _parse_metrics(text: str) -> list[str]:
-    metrics = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in metrics if m not in METRICS]
-    if bad or not metrics:
-        raise UserError(f"unknown metric(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(METRICS)}")
-    return metrics
 
 
 # --- train ------------------------------------------------------------------------------------------------------
@@ -147,7 +137,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _check_steps(args)
     prompts = read_prompts(args.prompts)
-    pipe = swap_scheduler(load_pipeline(args.pipeline, device=_device(args.device)), args.scheduler)
+    pipe = swap_scheduler(load_pipeline(args.pipeline, device=_device(args.device), base=args.base), args.scheduler)
     timesteps = parse_timesteps(args.timesteps, pipe)
     out = prepare_out_dir(args.out, args.overwrite)
     res = generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, prompts=prompts,
@@ -180,52 +170,55 @@ def _degrain(images):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from stepdistill.eval import generation as gen
-    from stepdistill.utils import prepare_out_dir, save_grid
+    from stepdistill.eval.harness import check_request, evaluate, format_table
+    from stepdistill.utils import check_out_dir, prepare_out_dir, save_grid
 
-    metrics = _parse_metrics(args.metrics)
+    # Everything that needs no samples is checked first; the output folder is written only once the metrics are in.
+    metrics = check_request(args.ref, args.metrics, args.clip_model)
+    check_out_dir(args.out, args.overwrite)
     device = _device(args.device)
     source = args.source
     row: dict = {"source": source}
+    raw = None  # the samples as generated, when --degrain changes what is evaluated
     if source.endswith(".npz"):
         if not Path(source).is_file():
             raise UserError(f"samples file '{source}' does not exist")
-        if args.steps is not None or args.timesteps is not None:
-            raise UserError("--steps / --timesteps apply when sampling a pipeline; a samples file is evaluated as is")
+        if args.steps is not None or args.timesteps is not None or args.base is not None:
+            raise UserError("--steps / --timesteps / --base apply when sampling a pipeline; a samples file is "
+                            "evaluated as is")
         samples = gen.load_samples(source)
         if args.degrain:  # refuses non-digits16 samples before anything is written
             samples["images"] = _degrain(samples["images"])
-        out = prepare_out_dir(args.out, args.overwrite)
     else:
         from stepdistill.pipelines import load_pipeline
 
         _check_steps(args)
         prompts = gen.read_prompts(args.prompts)
-        pipe = gen.swap_scheduler(load_pipeline(source, device=device), args.scheduler)
+        pipe = gen.swap_scheduler(load_pipeline(source, device=device, base=args.base), args.scheduler)
         timesteps = gen.parse_timesteps(args.timesteps, pipe)
         if args.degrain and (getattr(pipe, "vae", None) is not None
                              or getattr(getattr(pipe, "unet", None), "config", {}).get("sample_size") != 16):
             raise UserError(f"--degrain is defined for 16x16 digits16 samples; '{source}' does not make them: "
                             "drop --degrain for other pipelines")
-        out = prepare_out_dir(args.out, args.overwrite)
         samples = gen.generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
                                prompts=prompts, timesteps=timesteps)
-        ts_text = ",".join(map(str, samples["timesteps"] or []))
-        gen.save_samples(out / "samples.npz", samples, pipeline=source, steps=args.steps, guidance=args.guidance,
-                         seed=args.seed, timesteps=ts_text)
+        raw = dict(samples)
         if samples["timesteps"]:
             row["timesteps"] = samples["timesteps"]
         row.update(steps=args.steps, guidance=args.guidance,
                    samples_per_s=round(len(samples["images"]) / samples["seconds"], 2))
         if args.degrain:
-            samples["images"] = _degrain(samples["images"])  # samples.npz above keeps the samples as generated
+            samples["images"] = _degrain(samples["images"])  # samples.npz keeps the samples as generated
     if args.degrain:
         row["degrain"] = True
-    save_grid(samples["images"][:100], out / "grid.png", nrow=10)
-    from stepdistill.eval.harness import evaluate, format_table
-
     result = evaluate(samples["images"], samples["labels"], samples["prompts"], ref=args.ref, metrics=metrics,
                       device=device, clip_model=args.clip_model)
     row.update(result)
+    out = prepare_out_dir(args.out, args.overwrite)
+    if raw is not None:
+        gen.save_samples(out / "samples.npz", raw, pipeline=source, steps=args.steps, guidance=args.guidance,
+                         seed=args.seed, timesteps=",".join(map(str, raw["timesteps"] or [])))
+    save_grid(samples["images"][:100], out / "grid.png", nrow=10)
     (out / "metrics.json").write_text(json.dumps(row, indent=2, default=str))
     print(format_table([row]))
     print(f"-> {out / 'metrics.json'}")
@@ -344,13 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch-size", type=int, default=100)
         q.add_argument("--scheduler", help="swap in another diffusers scheduler class, e.g. EulerDiscreteScheduler")
         q.add_argument("--prompts", help="prompt file (text-to-image pipelines)")
+        q.add_argument("--base", help="base pipeline of a LoRA export (default: the base it records)")
         q.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     s = sub.add_parser("sample", help="sample from a pipeline",
                        description="Write OUT/samples.npz (images uint8 NHWC, labels or prompts) and OUT/grid.png.")
-    s.add_argument("pipeline", help="pipeline folder, hub id or 'digits16' (the shipped teacher)")
+    s.add_argument("pipeline", help="pipeline folder, LoRA export folder, hub id or 'digits16' (the shipped teacher)")
     add_gen(s)
     s.set_defaults(func=cmd_sample)
 
@@ -367,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a pipeline (sampled here) or a samples.npz; writes OUT/metrics.json.")
     e.add_argument("source", help="pipeline folder, 'digits16', or a samples .npz")
     e.add_argument("--ref", default="digits16", help="digits16, a stats .npz (mu, sigma) or an image folder")
-    e.add_argument("--metrics", default="fid,kid,fd_digits,accuracy,grain", help=f"comma list of {', '.join(METRICS)}")
+    e.add_argument("--metrics", default="fid,kid,fd_digits,accuracy,grain",
+                   help="comma list of fid, kid, fd_digits, accuracy, grain, clip")
     e.add_argument("--clip-model", help="local CLIP model folder for the clip metric")
     e.add_argument("--degrain", action="store_true",
                    help="digits16 diagnostic: evaluate the samples with their grain (the part off the space of "

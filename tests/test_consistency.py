@@ -392,6 +392,17 @@ def test_sd_full_student_pipeline_equals_consistency_fn_with_w_embedding(sd_dir,
     assert not torch.allclose(outs[0], outs[1], atol=1e-4)
 
 
+def _assert_one_step_is_the_students(pipe, method) -> None:
+    """The pipeline's 1-step latent for a fixed noise is the student's G(z, 999) for the same prompt."""
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    got = pipe(["a picture 2"], num_inference_steps=1, guidance_scale=1.0, latents=z.clone(),
+               output_type="latent").images
+    with torch.no_grad():
+        want = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]),
+                                     method.text.cond(["a picture 2"]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_sd_lora_file_reproduces_the_student(sd_dir, captioned, tmp_path):
     """Teacher pipeline + load_lora_weights(export) gives the student's 1-step G(z, 999), alpha != rank included."""
     from diffusers import LCMScheduler
@@ -407,13 +418,60 @@ def test_sd_lora_file_reproduces_the_student(sd_dir, captioned, tmp_path):
     method.export(tmp_path / "p")
     pipe = load_lora(load_pipeline(sd_dir), tmp_path / "p")
     pipe.scheduler = LCMScheduler.from_pretrained(str(tmp_path / "p"), subfolder="scheduler")
-    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
-    got = pipe(["a picture 2"], num_inference_steps=1, guidance_scale=1.0, latents=z.clone(),
-               output_type="latent").images
+    _assert_one_step_is_the_students(pipe, method)
+
+
+def test_sd_lora_export_records_its_base_and_samples_without_it(sd_dir, captioned, tmp_path, capsys):
+    """The LoRA export records its base (absolute path + weight fingerprint) in the file and the model card;
+    load_pipeline / `stepdistill sample` find that base by themselves; another base of the same shapes warns."""
+    import shutil
+    import warnings
+
+    from safetensors import safe_open
+
+    from stepdistill.cli import main
+    from stepdistill.pipelines.lora import BaseMismatchWarning, base_fingerprint, lora_base
+
+    cfg = load_config(CONFIG, _sd_overrides(sd_dir, captioned, "method_args.lora_rank=2"))
+    method = get_method("consistency")(cfg)
     with torch.no_grad():
-        want = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]),
-                                     method.text.cond(["a picture 2"]))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for n, p in method.student.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    export = tmp_path / "lora"
+    method.export(export)
+    base_unet = load_pipeline(sd_dir).unet
+    info = lora_base(export)
+    assert info == {"base": str(Path(sd_dir).resolve()), "fingerprint": base_fingerprint(base_unet)}
+    assert info["fingerprint"] in (export / "README.md").read_text()
+    with safe_open(str(export / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert "stepdistill_base" in f.metadata() and len(f.metadata()) > 1  # diffusers' own metadata kept too
+    # Found by itself: the student's 1-step output, with the export's scheduler.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatchWarning)
+        pipe = load_pipeline(str(export))
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    _assert_one_step_is_the_students(pipe, method)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a picture 1\na picture 2\n")
+    assert main(["sample", str(export), "--steps", "1", "--num-samples", "2", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "samples.npz").is_file()
+    # Another base of the same shapes (one weight changed): loads, with a warning naming the recorded base.
+    other = tmp_path / "other"
+    shutil.copytree(sd_dir, other)
+    pipe = load_pipeline(str(other))
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(0.5)
+    pipe.save_pretrained(str(other))
+    with pytest.warns(BaseMismatchWarning, match="was trained on"):
+        load_pipeline(str(export), base=str(other))
+    # --base is for LoRA exports only; a LoRA without a recorded base needs it.
+    capsys.readouterr()
+    assert main(["sample", sd_dir, "--base", sd_dir, "--steps", "1", "--num-samples", "1", "--prompts",
+                 str(prompts), "--out", str(tmp_path / "s2")]) == 2
+    assert "--base applies to LoRA exports" in capsys.readouterr().err
+    assert not (tmp_path / "s2").exists()
 
 
 # --- distributed ----------------------------------------------------------------------------------------------------

@@ -511,3 +511,29 @@ def test_output_folder_that_cannot_be_written_is_refused_before_anything(tmp_pat
     finally:
         ro.chmod(0o755)
         shutil.rmtree(ro)
+
+
+def test_replace_dir_never_leaves_a_half_written_folder(tmp_path):
+    from stepdistill.utils import replace_dir
+
+    final = tmp_path / "pipeline"
+    replace_dir(final, lambda d: (d / "a.txt").write_text("v1"))
+    assert (final / "a.txt").read_text() == "v1"
+
+    def dies_halfway(d: Path) -> None:
+        (d / "a.txt").write_text("v2-partial")
+        raise KeyboardInterrupt  # stands in for a kill during the export
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(final, dies_halfway)
+    assert (final / "a.txt").read_text() == "v1"  # the previous export is whole
+    # A kill between the two renames leaves only .old-pipeline: the next export starts by restoring it.
+    os.rename(final, tmp_path / ".old-pipeline")
+    seen = []
+    replace_dir(final, lambda d: seen.append((final / "a.txt").read_text()) or (d / "a.txt").write_text("v3"))
+    assert seen == ["v1"] and (final / "a.txt").read_text() == "v3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+    # The writer sees a folder with the final name (model cards quote it).
+    names = []
+    replace_dir(final, lambda d: names.append(d.name))
+    assert names == ["pipeline"]

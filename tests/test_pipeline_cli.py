@@ -246,3 +246,36 @@ def test_cli_average_snapshots(tmp_path, capsys):
         assert (paths[1] / "model_index.json").is_file() and not (paths[1] / "avg").exists()
     assert main(["average", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "avg")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_loads_in_stock_diffusers_without_stepdistill(saved_pipeline, tmp_path):
+    """The saved folder ships its pipeline code (pipeline.py): stock diffusers loads it with custom_pipeline in a
+    process where stepdistill cannot be imported, and samples the same images."""
+    assert (saved_pipeline / "pipeline.py").is_file()
+    script = tmp_path / "load.py"
+    out = tmp_path / "images.npy"
+    script.write_text(f"""
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "stepdistill":
+            raise ImportError("stepdistill is not installed here")
+
+sys.meta_path.insert(0, Block())
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+
+path = {str(saved_pipeline)!r}
+pipe = DiffusionPipeline.from_pretrained(path, custom_pipeline=path, trust_remote_code=True)
+assert type(pipe).__name__ == "ClassConditionalPipeline" and "stepdistill" not in type(pipe).__module__
+pipe.set_progress_bar_config(disable=True)
+g = [torch.Generator().manual_seed(i) for i in range(3)]
+np.save({str(out)!r}, pipe([0, 1, 2], num_inference_steps=3, guidance_scale=2.0, generator=g, output_type="np").images)
+""")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    g = [torch.Generator().manual_seed(i) for i in range(3)]
+    ours = load_pipeline(str(saved_pipeline))([0, 1, 2], num_inference_steps=3, guidance_scale=2.0, generator=g,
+                                              output_type="np").images
+    np.testing.assert_array_equal(np.load(out), ours)

@@ -541,10 +541,18 @@ class ConsistencyMethod(Method):
         else:
             pipe.scheduler.save_pretrained(str(out_dir / "scheduler"))
         if self.lora:
-            save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None)
+            save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None, base=self.lora_base())
         (out_dir / "README.md").write_text(self._model_card(out_dir))
 
+    def lora_base(self) -> str:
+        """The teacher as the LoRA export records its base: a local folder as an absolute path (the export may be
+        used from another working directory), an alias or hub id as given."""
+        teacher = self.run_config.teacher
+        return str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher
+
     def _model_card(self, out_dir: Path) -> str:
+        from stepdistill.pipelines.lora import lora_base
+
         c: ConsistencyConfig = self.cfg
         ts, segs = self.student_timesteps(), self.final_segments
         kind = "LCM-LoRA" if self.lora else "LCM"
@@ -589,7 +597,9 @@ class ConsistencyMethod(Method):
                    f"images = pipe([\"a photo of a cat\"], {when}, "
                    f"guidance_scale={c.guidance_max if self.w_dim else 1.0}).images")
         files = ("`pytorch_lora_weights.safetensors` (LoRA rank "
-                 f"{c.lora_rank}, alpha {c.lora_alpha or c.lora_rank})" if self.lora else "a full pipeline")
+                 f"{c.lora_rank}, alpha {c.lora_alpha or c.lora_rank}; base model `{self.lora_base()}`, fingerprint "
+                 f"`{lora_base(out_dir)['fingerprint']}`, also in the file's `stepdistill_base` metadata)"
+                 if self.lora else "a full pipeline")
         return (f"# {kind} student\n\nDistilled from `{self.run_config.teacher}` by stepdistill consistency "
                 f"distillation (teacher CFG {w}, DDIM grid of {c.num_ddim_timesteps} points, {c.loss} distance):\n\n"
                 f"    stepdistill train consistency --config <config.yaml>   # teacher={self.run_config.teacher}\n\n"

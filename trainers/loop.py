@@ -562,6 +562,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     if tc.mixed_precision == "fp16" and not has_device:
         raise ConfigError("config key 'train.mixed_precision' is 'fp16', which needs a GPU; use 'bf16' or 'no' on "
                           "the CPU")
+    if tc.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config key 'train.mixed_precision' is 'bf16', which this GPU does not support; use "
+                          "'fp16' or 'no'")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         # train() may run several times in one process (tests, notebooks, sweeps); accelerate's process-wide state

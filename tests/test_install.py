@@ -20,10 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
+    import shutil
+
     base = tmp_path_factory.mktemp("install")
+    # Built from a copy: an in-tree build would leave build/ in the checkout, whose stale files later wheels ship.
+    src = base / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "__pycache__",
+                                                             "*.egg-info", ".pytest_cache", ".ruff_cache"))
     wheels = base / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(ROOT)], check=True, capture_output=True)
+                    str(wheels), str(src)], check=True, capture_output=True)
     wheel = next(wheels.glob("stepdistill-*.whl"))
     env_dir = base / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)

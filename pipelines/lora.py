@@ -62,9 +62,14 @@ def lora_base(path: str | Path) -> dict | None:
     return json.loads(text) if text else None
 
 
-def check_base(unet: nn.Module, path: str | Path) -> None:
-    """Warn (BaseMismatchWarning) when ``unet`` is not the base network the LoRA at ``path`` recorded."""
+def check_base(pipe, path: str | Path) -> None:
+    """Refuse a LoRA of another pipeline family; warn (BaseMismatchWarning) when ``pipe``'s network is not the base
+    network the LoRA at ``path`` recorded."""
     info = lora_base(path)
+    if info and info.get("pipeline") and info["pipeline"] != type(pipe).__name__:
+        raise UserError(f"the LoRA '{path}' was trained on a {info['pipeline']} ('{info.get('base')}'); it cannot be "
+                        f"loaded into a {type(pipe).__name__}")
+    unet = pipe.unet
     if info and info.get("fingerprint") and base_fingerprint(unet) != info["fingerprint"]:
         warnings.warn(f"the LoRA '{path}' was trained on '{info.get('base')}' (fingerprint {info['fingerprint']}); "
                       "this pipeline's network has other weights, so its outputs are not the trained student's",
@@ -79,7 +84,8 @@ def _lora_file(path: str | Path) -> Path:
     return f
 
 
-def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, base: str | None = None) -> Path:
+def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, base: str | None = None,
+              base_pipeline: str | None = None) -> Path:
     """Write the LoRA adapters of ``unet`` to ``out_dir/pytorch_lora_weights.safetensors``.
 
     Args:
@@ -88,7 +94,7 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, bas
         lora_config: the ``peft.LoraConfig`` the adapters were made with.
         text: True for SD-type pipelines (diffusers' format), False for ``ClassConditionalPipeline`` (ours).
         base: the base pipeline the adapters belong on (hub id or path); recorded with the base network's
-            fingerprint in the file's metadata (``stepdistill_base``).
+            fingerprint and ``base_pipeline`` (its pipeline class) in the file's metadata (``stepdistill_base``).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
@@ -117,7 +123,8 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, bas
         path = out_dir / LORA_FILE
         with safe_open(str(path), framework="pt") as h:
             tensors, metadata = {k: h.get_tensor(k) for k in h.keys()}, dict(h.metadata() or {})
-        metadata[BASE_KEY] = json.dumps({"base": base, "fingerprint": base_fingerprint(unet)})
+        metadata[BASE_KEY] = json.dumps({"base": base, "fingerprint": base_fingerprint(unet),
+                                         "pipeline": base_pipeline})
         save_file(tensors, str(path), metadata=metadata)
     return out_dir / LORA_FILE
 
@@ -166,8 +173,8 @@ def load_lora(pipe, path: str | Path, fuse: bool = True):
         ``pipe``.
     """
     state, meta = _read(path)
+    check_base(pipe, path)
     unet = pipe.unet
-    check_base(unet, path)
     if not hasattr(pipe, "load_lora_weights") or type(pipe).__name__ == "ClassConditionalPipeline":
         if meta is None:
             raise UserError(f"'{_lora_file(path)}' is not a class-conditional stepdistill LoRA (no '{META_KEY}' "

@@ -1,7 +1,10 @@
-"""Conditioning: class labels with a null class, text prompts through a pipeline's text encoder (cached)."""
+"""Conditioning: what a network is conditioned on (:class:`Cond`), class labels with a null class, and a bounded
+cache of per-prompt embeddings (the encoding itself is the model family's: :mod:`stepdistill.families`)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -67,6 +70,23 @@ class Cond:
     def with_timestep_cond(self, timestep_cond: torch.Tensor | None) -> Cond:
         return replace(self, timestep_cond=timestep_cond)
 
+    @staticmethod
+    def concat(items: list[Cond]) -> Cond:
+        """Batch-concatenate several conditionings with the same fields set."""
+        out = items[0]
+        for c in items[1:]:
+            out = Cond.cat(out, c)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        total = 0
+        for f in fields(self):
+            v = getattr(self, f.name)
+            for t in (v.values() if isinstance(v, dict) else [v] if v is not None else []):
+                total += t.numel() * t.element_size()
+        return total
+
 
 class ClassConditioning:
     """Class labels 0..num_classes-1 plus a null class (index num_classes) used for CFG dropout and uncond."""
@@ -89,44 +109,42 @@ class ClassConditioning:
         return torch.where(mask, torch.full_like(labels, self.null_class), labels)
 
 
-class TextConditioning:
-    """Prompts -> ``Cond(encoder_hidden_states=...)`` through a pipeline's tokenizer and text encoder.
+class PromptCache:
+    """Per-prompt (cond, uncond) embeddings, computed by ``encode`` and kept on the CPU, at most ``max_bytes`` of
+    them (the least recently used prompts leave first; 0 = no cache). Frozen text encoders see the same prompts
+    again and again (data-free methods, small caption sets); an SD1.5 embedding is ~236 KB, an SDXL one ~600 KB.
 
-    Embeddings are cached per prompt (data-free methods see the same prompts many times; the encoder is frozen).
-    Designed for one CLIP/T5-style encoder (SD1.x/2.x); SDXL/SD3-type pipelines with two or three encoders plug in
-    by subclassing :meth:`_encode`.
+    Args:
+        encode: prompts -> (cond, uncond) for the whole list, batched.
+        max_bytes: the bound.
     """
 
-    def __init__(self, tokenizer, text_encoder, cache: bool = True, max_cache: int = 100_000):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
-        self.max_cache = max_cache
+    def __init__(self, encode: Callable[[list[str]], tuple[Cond, Cond]], max_bytes: int = 1 << 30):
+        self.encode, self.max_bytes = encode, max_bytes
+        self.entries: OrderedDict[str, tuple[Cond, Cond]] = OrderedDict()
+        self.nbytes = 0
 
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(tok.input_ids.to(device))[0]
-
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        if self.cache is None:
-            return self._encode(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+    def __call__(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        if self.max_bytes <= 0:
+            return self.encode(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
+        found: dict[str, tuple[Cond, Cond]] = {}
         if missing:
-            enc = self._encode(missing)
-            if len(self.cache) + len(missing) > self.max_cache:
-                self.cache.clear()
-            for p, e in zip(missing, enc):
-                self.cache[p] = e
-        return torch.stack([self.cache[p] for p in prompts])
-
-    def cond(self, prompts: list[str]) -> Cond:
-        return Cond(encoder_hidden_states=self.embed(list(prompts)))
-
-    def uncond(self, batch_size: int, device=None) -> Cond:
-        return Cond(encoder_hidden_states=self.embed([""] * batch_size))
+            cond, uncond = self.encode(missing)
+            for i, p in enumerate(missing):
+                found[p] = (cond.index(slice(i, i + 1)).to("cpu"), uncond.index(slice(i, i + 1)).to("cpu"))
+        rows = [found.get(p) or self.entries[p] for p in prompts]
+        for p, entry in found.items():
+            self.entries[p] = entry
+            self.nbytes += entry[0].nbytes() + entry[1].nbytes()
+        for p in prompts:
+            if p in self.entries:
+                self.entries.move_to_end(p)
+        while self.nbytes > self.max_bytes and self.entries:
+            _, (c, u) = self.entries.popitem(last=False)
+            self.nbytes -= c.nbytes() + u.nbytes()
+        return Cond.concat([r[0] for r in rows]), Cond.concat([r[1] for r in rows])
 
 
 def sample_guidance_scale(batch_size: int, low: float, high: float, generator: torch.Generator | None = None,

@@ -37,6 +37,8 @@ class DataConfig:
     batch_size: int = 64
     # DataLoader worker processes (0 = load in the main process).
     num_workers: int = 0
+    # Bound of the per-prompt text-embedding cache of text teachers, in MiB, kept on the CPU (0 = no cache).
+    prompt_cache_mb: int = 1024
 
 
 @dataclass
@@ -299,6 +301,7 @@ def check_values(cfg: RunConfig) -> None:
          d.batch_size)
     need(d.resolution >= 1, "data.resolution", "a positive number of pixels", d.resolution)
     need(d.num_workers >= 0, "data.num_workers", "0 or more", d.num_workers)
+    need(d.prompt_cache_mb >= 0, "data.prompt_cache_mb", "0 (no cache) or more MiB", d.prompt_cache_mb)
     need(t.max_steps >= 1, "train.max_steps", "at least 1 (0 steps would export the untrained copy)", t.max_steps)
     need(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)
     need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " / ".join(MIXED_PRECISION),

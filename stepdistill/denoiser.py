@@ -17,30 +17,17 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteSche
 
 
 def call_network(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """Run a diffusers network with the keyword arguments its class expects; returns the raw output tensor."""
-    name = type(model).__name__
-    if hasattr(model, "module") and not hasattr(model, "config"):  # DDP / compiled wrappers
-        name = type(model.module).__name__
-    if name == "UNet2DModel":
-        out = model(x, t, class_labels=cond.class_labels)
-    elif name in ("UNet2DConditionModel", "UNetMotionModel"):
-        out = model(x, t, encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels,
-                    timestep_cond=cond.timestep_cond, added_cond_kwargs=cond.added_cond_kwargs)
-    else:  # transformer-type (DiT, SD3, Flux, PixArt): keyword names follow diffusers' transformer signature
-        kwargs = {"hidden_states": x, "timestep": t}
-        if cond.encoder_hidden_states is not None:
-            kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
-        if cond.pooled_projections is not None:
-            kwargs["pooled_projections"] = cond.pooled_projections
-        if cond.class_labels is not None:
-            kwargs["class_labels"] = cond.class_labels
-        if cond.added_cond_kwargs is not None:
-            kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
-        out = model(**kwargs)
-    out = out.sample if hasattr(out, "sample") else out[0]
-    if out.shape[1] == 2 * x.shape[1]:  # learned-variance heads (DiT "learned_range"): keep the mean part
-        out = out[:, : x.shape[1]]
-    return out
+    """The default way to call a network when no family says otherwise: by the diffusers class it is an instance of
+    (pixel ``UNet2DModel``: class labels; ``UNet2DConditionModel``: text embeddings and added conditions)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from .families import ClassFamily, LatentUNetFamily
+
+    if isinstance(model, UNet2DModel):
+        return ClassFamily.call(model, x, t, cond)
+    if isinstance(model, UNet2DConditionModel):
+        return LatentUNetFamily.call(model, x, t, cond)
+    raise UserError(f"no model family knows how to call a {type(model).__name__}; pass the family's call")
 
 
 class Denoiser(nn.Module):
@@ -52,14 +39,17 @@ class Denoiser(nn.Module):
             in ``scheduler_config.json``); gives the schedule and the network's prediction type. Flow-matching
             schedulers give ``flow_prediction``.
         prediction_type: override what the network predicts (rarely needed).
+        call: ``call(model, x, t, cond) -> raw output``, the model family's way of calling the network
+            (:meth:`stepdistill.families.Family.call`); by default chosen from the network's class.
 
     ``t`` is always the network's own timestep input: integers in [0, T) for DDPM-family schedules, ``sigma * T``
     for flow matching.
     """
 
-    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None):
+    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None, call=None):
         super().__init__()
         self.model = model
+        self.call = call or call_network
         if hasattr(scheduler, "config"):  # a scheduler object: its in-memory config has no _class_name
             config, cls_name = dict(scheduler.config), type(scheduler).__name__
         else:
@@ -107,10 +97,10 @@ class Denoiser(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if guidance_scale is None:
-            return call_network(self.model, x_t, t, cond)
+            return self.call(self.model, x_t, t, cond)
         if uncond is None:
             raise ValueError("guidance_scale given without an unconditional Cond")
-        both = call_network(self.model, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(uncond, cond))
+        both = self.call(self.model, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(uncond, cond))
         out_u, out_c = both.chunk(2)
         return S.cfg_combine(out_u, out_c, guidance_scale)
 

@@ -87,3 +87,11 @@ def train_two_processes(config: Path, out: Path, overrides: list[str]) -> subpro
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "stepdistill.trainers.loop", "--config", str(config), "--out", str(out), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@torch.no_grad()
+def randomize_lora(model: torch.nn.Module, std: float) -> None:
+    """Give a network's LoRA up-projections (zero at init) random weights, so the adapters change its output."""
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, std)

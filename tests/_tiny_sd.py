@@ -43,3 +43,32 @@ def build_tiny_sd(out: str | Path) -> str:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
     return str(out)
+
+
+def build_tiny_sdxl(out: str | Path) -> str:
+    """Save a tiny random StableDiffusionXLPipeline (16x16 images, 8x8x4 latents): two CLIP text encoders (the second
+    with a projection, whose pooled output and the size/crop time ids are the UNet's added conditions)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
+    config = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                  num_hidden_layers=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, projection_dim=16)
+    enc = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    enc_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    sched = EulerDiscreteScheduler(prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, steps_offset=1, timestep_spacing="trailing")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=enc, text_encoder_2=enc_2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched, add_watermarker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return str(out)

@@ -19,6 +19,7 @@ from _tiny import (
     digits_batch,
     fixed_loss_descent,
     log_rows,
+    randomize_lora,
     run_overrides,
     save_class_teacher,
     train_two_processes,
@@ -160,10 +161,8 @@ def test_lora_student_shares_the_teacher_network(teacher_dir):
     pristine = load_pipeline(teacher_dir).unet
     x, t, labels = torch.randn(4, 1, 16, 16), torch.tensor([10, 300, 600, 990]), torch.tensor([0, 3, 5, 10])
     cond = method.classes.cond(labels)
+    randomize_lora(method.student.model, 0.1)
     with torch.no_grad():
-        for n, p in method.student.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
         want = pristine(x, t, class_labels=labels).sample
         with method._adapters(False):
             teacher = method.teacher.raw(x, t, cond)
@@ -384,7 +383,8 @@ def test_sd_full_student_pipeline_equals_consistency_fn_with_w_embedding(sd_dir,
     for w in (2.5, 5.0):
         got = pipe(["a picture 1"], num_inference_steps=1, guidance_scale=w, latents=z.clone(),
                    output_type="latent").images
-        cond = method.text.cond(["a picture 1"]).with_timestep_cond(guidance_embedding(torch.tensor([w]), 32))
+        cond = method.family.prompt_cond(["a picture 1"])[0].with_timestep_cond(
+            guidance_embedding(torch.tensor([w]), 32))
         with torch.no_grad():
             want = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]), cond)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -399,7 +399,7 @@ def _assert_one_step_is_the_students(pipe, method) -> None:
                output_type="latent").images
     with torch.no_grad():
         want = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]),
-                                     method.text.cond(["a picture 2"]))
+                                     method.family.prompt_cond(["a picture 2"])[0])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -411,10 +411,7 @@ def test_sd_lora_file_reproduces_the_student(sd_dir, captioned, tmp_path):
 
     method = get_method("consistency")(load_config(CONFIG, _sd_overrides(
         sd_dir, captioned, "method_args.lora_rank=2", "method_args.lora_alpha=6")))
-    with torch.no_grad():
-        for n, p in method.student.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
+    randomize_lora(method.student.model, 0.2)
     method.export(tmp_path / "p")
     pipe = load_lora(load_pipeline(sd_dir), tmp_path / "p")
     pipe.scheduler = LCMScheduler.from_pretrained(str(tmp_path / "p"), subfolder="scheduler")
@@ -434,15 +431,13 @@ def test_sd_lora_export_records_its_base_and_samples_without_it(sd_dir, captione
 
     cfg = load_config(CONFIG, _sd_overrides(sd_dir, captioned, "method_args.lora_rank=2"))
     method = get_method("consistency")(cfg)
-    with torch.no_grad():
-        for n, p in method.student.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
+    randomize_lora(method.student.model, 0.2)
     export = tmp_path / "lora"
     method.export(export)
     base_unet = load_pipeline(sd_dir).unet
     info = lora_base(export)
-    assert info == {"base": str(Path(sd_dir).resolve()), "fingerprint": base_fingerprint(base_unet)}
+    assert info == {"base": str(Path(sd_dir).resolve()), "fingerprint": base_fingerprint(base_unet),
+                    "pipeline": "StableDiffusionPipeline"}
     assert info["fingerprint"] in (export / "README.md").read_text()
     with safe_open(str(export / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert "stepdistill_base" in f.metadata() and len(f.metadata()) > 1  # diffusers' own metadata kept too
@@ -528,14 +523,36 @@ def test_config_errors(teacher_dir, tmp_path):
         _method(str(flow))
 
 
+def _without_base_record(folder: Path) -> Path:
+    """The same LoRA export as written before exports recorded their base (no ``stepdistill_base`` metadata)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from stepdistill.pipelines.lora import BASE_KEY, LORA_FILE
+
+    old = folder.with_name(folder.name + "-old")
+    shutil.copytree(folder, old)
+    with safe_open(str(old / LORA_FILE), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    del meta[BASE_KEY]
+    save_file(tensors, str(old / LORA_FILE), metadata=meta)
+    return old
+
+
 def test_incompatible_lora_files_are_clear_errors(teacher_dir, sd_dir, tmp_path):
     from stepdistill.pipelines.lora import load_lora
 
     digits = _method(teacher_dir, "method_args.lora_rank=4")
     digits.export(tmp_path / "digits")
-    # A digits LoRA into an SD pipeline.
-    with pytest.raises(UserError, match="class-conditional UNet2DModel.*StableDiffusionPipeline"):
+    # A digits LoRA into an SD pipeline: refused by the recorded base pipeline, or (files without the record) by
+    # the network the file names.
+    with pytest.raises(UserError, match="trained on a ClassConditionalPipeline .*cannot be loaded into a "
+                                        "StableDiffusionPipeline"):
         load_lora(load_pipeline(sd_dir), tmp_path / "digits")
+    with pytest.raises(UserError, match="class-conditional UNet2DModel.*StableDiffusionPipeline"):
+        load_lora(load_pipeline(sd_dir), _without_base_record(tmp_path / "digits"))
     # The same LoRA into a class-conditional teacher of another size: shape mismatch named.
     other = load_pipeline(save_class_teacher(tmp_path / "wide", channels=(16, 32)))
     with pytest.raises(UserError, match="has shape .* but this network needs"):
@@ -543,7 +560,10 @@ def test_incompatible_lora_files_are_clear_errors(teacher_dir, sd_dir, tmp_path)
     # An SD-format LoRA file into the class-conditional pipeline.
     sd_lora = get_method("consistency")(load_config(CONFIG, run_overrides(sd_dir, "method_args.lora_rank=2")))
     sd_lora.export(tmp_path / "sd")
-    with pytest.raises(UserError, match="not a class-conditional stepdistill LoRA"):
+    with pytest.raises(UserError, match="trained on a StableDiffusionPipeline .*cannot be loaded into a "
+                                        "ClassConditionalPipeline"):
         load_pipeline(teacher_dir).load_lora_weights(str(tmp_path / "sd"))
+    with pytest.raises(UserError, match="not a class-conditional stepdistill LoRA"):
+        load_pipeline(teacher_dir).load_lora_weights(str(_without_base_record(tmp_path / "sd")))
     with pytest.raises(UserError, match="no LoRA weights"):
         load_lora(load_pipeline(teacher_dir), tmp_path / "nothing")

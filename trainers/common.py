@@ -1,50 +1,55 @@
-"""Pieces the distillation methods (dmd2, consistency) share: loading the frozen teacher with its conditioning, and
+"""Pieces the distillation methods (dmd2, consistency) share: loading the frozen teacher with its model family, and
 LoRA adapters on the teacher network that are switched off for the teacher's own predictions."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from stepdistill.conditioning import ClassConditioning, TextConditioning
+from stepdistill.conditioning import ClassConditioning
 from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError, UserError, first_line
+from stepdistill.families import Family, family_of
 
 
 # --- the teacher ---------------------------------------------------------------------------------------------------
-def load_teacher(run_config: Any, who: str) -> tuple[Any, Denoiser]:
-    """The teacher pipeline and its network as a frozen Denoiser; ``who`` names the method in the errors."""
+def load_teacher(run_config: Any, who: str) -> tuple[Family, Denoiser]:
+    """The teacher's model family adapter and its network as a frozen Denoiser; ``who`` names the method in errors."""
     from stepdistill.pipelines import load_pipeline
 
     pipe = load_pipeline(run_config.teacher)
-    unet, scheduler = pipe.unet, getattr(pipe, "scheduler", None)
+    family = family_of(pipe, run_config.teacher, resolution=run_config.data.resolution,
+                       prompt_cache_bytes=run_config.data.prompt_cache_mb << 20)
+    scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or "num_train_timesteps" not in dict(getattr(scheduler, "config", {})):
         raise ConfigError(f"teacher '{run_config.teacher}' has no usable scheduler config (num_train_timesteps, "
                           f"beta_schedule); {who} reads the noise schedule from it")
     try:
-        teacher = Denoiser(unet.requires_grad_(False), scheduler)
+        teacher = Denoiser(family.network.requires_grad_(False), scheduler, call=family.call)
     except UserError as e:
         raise ConfigError(f"teacher '{run_config.teacher}': {e}") from None
     if teacher.is_flow:
         raise ConfigError(f"{who} supports DDPM-family teachers (epsilon / v / sample prediction); flow-matching "
                           "teachers are not supported yet")
-    return pipe, teacher
+    for m in family.frozen_modules().values():
+        m.requires_grad_(False).eval()
+    return family, teacher
 
 
 # Config keys that do not change a network's computation (bookkeeping written by diffusers).
 _NON_ARCH_KEYS = {"_name_or_path", "_diffusers_version", "_class_name", "_use_default_values"}
 
 
-def init_student_weights(student: nn.Module, source: str, key: str) -> None:
+def init_student_weights(student: nn.Module, source: str, key: str, subfolder: str = "unet") -> None:
     """Copy the denoising network of pipeline ``source`` (alias, folder or hub id) into ``student``.
 
-    Only the ``unet`` subfolder is loaded. The source must have the student's architecture (same config, same
-    tensors); a LoRA export or a guidance-conditioned LCM student gets its own one-line error.
+    Only the network's subfolder (the family's ``network_attr``) is loaded. The source must have the student's
+    architecture (same config, same tensors); a LoRA export or a guidance-conditioned LCM student gets its own
+    one-line error.
     """
     from pathlib import Path
 
@@ -56,11 +61,11 @@ def init_student_weights(student: nn.Module, source: str, key: str) -> None:
                           "LoRA into the teacher pipeline, fuse it and save that pipeline)")
     try:
         path = resolve_pipeline_path(source)
-        other = type(student).from_pretrained(path, subfolder="unet")
+        other = type(student).from_pretrained(path, subfolder=subfolder)
     except UserError as e:
         raise ConfigError(f"{key}: {e}") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot load the unet of '{source}': {first_line(e)}") from None
+        raise ConfigError(f"{key}: cannot load the {subfolder} of '{source}': {first_line(e)}") from None
     if other.config.get("time_cond_proj_dim") and not student.config.get("time_cond_proj_dim"):
         raise ConfigError(f"{key}: '{source}' is a guidance-conditioned student (time_cond_proj_dim="
                           f"{other.config['time_cond_proj_dim']}); initialise from one trained without a "
@@ -77,61 +82,11 @@ def init_student_weights(student: nn.Module, source: str, key: str) -> None:
     student.load_state_dict({k: v.to(sd_mine[k].dtype) for k, v in sd_theirs.items()})
 
 
-@dataclass
-class TeacherConditioning:
-    """Class labels, or prompts through the teacher's frozen text encoder (text teachers also bring their VAE)."""
-
-    classes: ClassConditioning | None = None
-    text: TextConditioning | None = None
-    vae: nn.Module | None = None
-    text_encoder: nn.Module | None = None
-    tokenizer: Any = None
-
-
-def teacher_conditioning(pipe: Any, teacher: str, method: str) -> TeacherConditioning:
-    """The conditioning of a ClassConditionalPipeline or an SD-type text pipeline (others: a ConfigError)."""
-    from stepdistill.pipelines import ClassConditionalPipeline
-
-    if isinstance(pipe, ClassConditionalPipeline):
-        return TeacherConditioning(classes=ClassConditioning(pipe.num_classes))
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ConfigError(f"teacher '{teacher}' has two text encoders (SDXL-type); {method} supports "
-                          "class-conditional and SD1.x/2.x-type teachers so far")
-    if getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "vae", None) is not None:
-        text_encoder = pipe.text_encoder.requires_grad_(False).eval()
-        return TeacherConditioning(text=TextConditioning(pipe.tokenizer, text_encoder),
-                                   vae=pipe.vae.requires_grad_(False).eval(), text_encoder=text_encoder,
-                                   tokenizer=pipe.tokenizer)
-    raise ConfigError(f"teacher '{teacher}' ({type(pipe).__name__}) is neither a ClassConditionalPipeline nor an "
-                      "SD-type text pipeline")
-
-
 def check_labels(labels: torch.Tensor, classes: ClassConditioning) -> None:
     """Reject data labels beyond the teacher's classes."""
     if labels.numel() and int(labels.max()) >= classes.num_classes:
         raise ConfigError(f"data labels go up to {int(labels.max())} but the teacher has {classes.num_classes} "
                           "classes: use a matching data.source")
-
-
-def encode_latents(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled VAE latents (one posterior sample, as the teacher was trained on)."""
-    return vae.encode(images.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-
-
-def student_pipeline(unet: nn.Module, scheduler: Any, cond: TeacherConditioning) -> Any:
-    """A student network + its export scheduler as the pipeline type of its teacher (class-conditional or SD)."""
-    if cond.classes is not None:
-        from stepdistill.pipelines import ClassConditionalPipeline
-
-        pipe = ClassConditionalPipeline(unet=unet, scheduler=scheduler)
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(vae=cond.vae, text_encoder=cond.text_encoder, tokenizer=cond.tokenizer,
-                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # --- LoRA on the teacher network -----------------------------------------------------------------------------------

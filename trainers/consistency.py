@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from stepdistill import schedules as S
-from stepdistill.conditioning import ClassConditioning, Cond, TextConditioning, sample_guidance_scale
+from stepdistill.conditioning import ClassConditioning, Cond, sample_guidance_scale
 from stepdistill.data import to_uint8
 from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
@@ -78,10 +78,7 @@ from .common import (
     adapters,
     add_lora,
     check_labels,
-    encode_latents,
     load_teacher,
-    student_pipeline,
-    teacher_conditioning,
 )
 
 # Modules LCM-LoRA adapts (those present in the network are used): attention projections and feed-forwards of
@@ -240,20 +237,18 @@ class ConsistencyMethod(Method):
         src = Path(run_config.data.source)
         if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
             raise ConfigError(IMAGES_MSG)
-        pipe, teacher = load_teacher(run_config, "consistency distillation")
-        unet, scheduler = pipe.unet, pipe.scheduler
+        self.family, teacher = load_teacher(run_config, "consistency distillation")
+        unet, scheduler, call = self.family.network, self.family.pipe.scheduler, self.family.call
         self.scheduler = scheduler
         self.T = teacher.num_train_timesteps
         self.lora = c.lora_rank != 0
         self._validate(c, self.T)
 
-        # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
-        # Kept whole for the export; its modules are also registered below, once, as attributes of this Method.
-        self.conditioning = conditioning = teacher_conditioning(pipe, run_config.teacher, "consistency")
-        self.classes: ClassConditioning | None = conditioning.classes
-        self.text: TextConditioning | None = conditioning.text
-        self.vae, self.text_encoder = conditioning.vae, conditioning.text_encoder
-        self.tokenizer = conditioning.tokenizer
+        # Conditioning: class labels or prompts (the family encodes them); latent teachers also bring their frozen
+        # VAE and text encoders, registered here once so that they move with this Method to its device.
+        self.classes: ClassConditioning | None = self.family.classes
+        for name, module in self.family.frozen_modules().items():
+            setattr(self, name, module)
 
         self.w_dim = 0
         if self.lora:
@@ -270,9 +265,9 @@ class ConsistencyMethod(Method):
             self._frozen_teacher = teacher
             self.target_adapters = None
             net = self._full_student(unet, c)
-            self.student = Denoiser(net.requires_grad_(True), scheduler)
+            self.student = Denoiser(net.requires_grad_(True), scheduler, call=call)
             # The EMA target as buffers: checkpointed (frozen parameters are not) and never trained.
-            self.target = Denoiser(params_to_buffers(copy.deepcopy(net)), scheduler)
+            self.target = Denoiser(params_to_buffers(copy.deepcopy(net)), scheduler, call=call)
         # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.
         self.register_buffer("target_step", torch.tensor(-1, dtype=torch.long))
         # Every rank computes the same target state: DDP must not broadcast it.
@@ -412,9 +407,8 @@ class ConsistencyMethod(Method):
             return x, self.classes.cond(labels), self.classes.uncond(n, self.device)
         if "prompt" not in batch:
             raise ConfigError("a text teacher needs captioned images (metadata.jsonl / .txt captions)")
-        prompts = list(batch["prompt"])
-        latents = encode_latents(self.vae, x)
-        return latents, self.text.cond(prompts).to(self.device), self.text.uncond(n).to(self.device)
+        cond, uncond = self.family.prompt_cond(list(batch["prompt"]), self.device)
+        return self.family.to_latents(x), cond, uncond
 
     # --- the Method contract --------------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
@@ -505,8 +499,8 @@ class ConsistencyMethod(Method):
         return fuse_lora(copy.deepcopy(self.student.model))
 
     def pipeline(self):
-        """The student as an in-memory pipeline (ClassConditionalPipeline or StableDiffusionPipeline)."""
-        return student_pipeline(self.fused_network(), self.export_scheduler(), self.conditioning)
+        """The student as an in-memory pipeline of the teacher's own pipeline class."""
+        return self.family.export_pipeline(self.fused_network(), self.export_scheduler())
 
     def _sample_steps(self) -> int:
         return self.cfg.sample_steps if self.final_segments == 1 else self.final_segments
@@ -541,7 +535,8 @@ class ConsistencyMethod(Method):
         else:
             pipe.scheduler.save_pretrained(str(out_dir / "scheduler"))
         if self.lora:
-            save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None, base=self.lora_base())
+            save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None, base=self.lora_base(),
+                      base_pipeline=type(self.family.pipe).__name__)
         (out_dir / "README.md").write_text(self._model_card(out_dir))
 
     def lora_base(self) -> str:
@@ -588,12 +583,12 @@ class ConsistencyMethod(Method):
                         f"type(pipe.scheduler).from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")")
         elif self.lora:
             sched_cls = "LCMScheduler" if segs == 1 else "DDIMScheduler"
-            use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{self.run_config.teacher}\")\n"
+            use = (f"pipe = {type(self.family.pipe).__name__}.from_pretrained(\"{self.run_config.teacher}\")\n"
                    f"pipe.load_lora_weights(\"{out_dir.name}\")\n"
                    f"pipe.scheduler = {sched_cls}.from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")\n"
                    f"images = pipe([\"a photo of a cat\"], {when}, guidance_scale=1.0).images")
         else:
-            use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
+            use = (f"pipe = {type(self.family.pipe).__name__}.from_pretrained(\"{out_dir.name}\")\n"
                    f"images = pipe([\"a photo of a cat\"], {when}, "
                    f"guidance_scale={c.guidance_max if self.w_dim else 1.0}).images")
         files = ("`pytorch_lora_weights.safetensors` (LoRA rank "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepdistill import schedules as S
-from stepdistill.conditioning import ClassConditioning, Cond, TextConditioning
+from stepdistill.conditioning import ClassConditioning, Cond
 from stepdistill.config import OptimConfig
 from stepdistill.data import to_uint8
 from stepdistill.denoiser import Denoiser
@@ -34,11 +34,8 @@ from .common import (
     adapters,
     add_lora,
     check_labels,
-    encode_latents,
     init_student_weights,
     load_teacher,
-    student_pipeline,
-    teacher_conditioning,
 )
 
 # Guard for the per-sample normaliser mean|p_real| of the distribution-matching gradient.
@@ -168,8 +165,8 @@ class DMD2Method(Method):
     def __init__(self, run_config):
         super().__init__(run_config)
         c: DMD2Config = self.cfg
-        pipe, self.teacher = load_teacher(run_config, "dmd2")
-        unet, scheduler = pipe.unet, pipe.scheduler
+        self.family, self.teacher = load_teacher(run_config, "dmd2")
+        unet, scheduler, call = self.family.network, self.family.pipe.scheduler, self.family.call
         self.scheduler = scheduler
         T = self.teacher.num_train_timesteps
         self._validate(c, T)
@@ -178,18 +175,17 @@ class DMD2Method(Method):
         self.register_buffer("_t_grid", all_t if c.timestep_sampling == "uniform" else
                              S.karras_timestep_grid(*self.teacher.alpha_sigma(all_t), T), persistent=False)
 
-        # Conditioning: class labels or prompts; text teachers also bring their (frozen) VAE and text encoder.
-        # Kept whole for the export; its modules are also registered below, once, as attributes of this Method.
-        self.conditioning = conditioning = teacher_conditioning(pipe, run_config.teacher, "dmd2")
-        self.classes: ClassConditioning | None = conditioning.classes
-        self.text: TextConditioning | None = conditioning.text
-        self.vae, self.text_encoder = conditioning.vae, conditioning.text_encoder
-        self.tokenizer = conditioning.tokenizer
+        # Conditioning: class labels or prompts (the family encodes them); latent teachers also bring their frozen
+        # VAE and text encoders, registered here once so that they move with this Method to its device.
+        self.classes: ClassConditioning | None = self.family.classes
+        for name, module in self.family.frozen_modules().items():
+            setattr(self, name, module)
 
         # 1. The student G: a trainable copy of the teacher network (or of another pipeline's, same architecture).
-        self.student = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler)
+        self.student = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler, call=call)
         if c.student_init:
-            init_student_weights(self.student.model, c.student_init, "method_args.student_init")
+            init_student_weights(self.student.model, c.student_init, "method_args.student_init",
+                                 self.family.network_attr)
 
         # 7. The fake score: a full trainable copy, or LoRA adapters on the teacher network (toggled off for the
         # teacher's own predictions), which keeps a single copy of the big network in memory.
@@ -199,7 +195,7 @@ class DMD2Method(Method):
                      "method_args.fake_score_lora_rank")
             self.fake_score: Denoiser | None = None
         else:
-            self.fake_score = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler)
+            self.fake_score = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler, call=call)
 
         # 5. GAN head on the fake score's bottleneck features, captured by a forward hook on its mid_block.
         self.use_gan = c.gan_weight_student > 0 or c.gan_weight_critic > 0
@@ -292,14 +288,11 @@ class DMD2Method(Method):
             return self.classes.cond(labels), self.classes.uncond(n, device), n
         if "prompt" not in batch:
             raise ConfigError("a text teacher needs prompts: set data.source to a prompt file or captioned images")
-        prompts = list(batch["prompt"])
-        return self.text.cond(prompts).to(device), self.text.uncond(len(prompts)).to(device), len(prompts)
+        cond, uncond = self.family.prompt_cond(list(batch["prompt"]), device)
+        return cond, uncond, len(batch["prompt"])
 
     def _noise_shape(self, n: int) -> tuple[int, ...]:
-        cfg = self.student.model.config
-        size = cfg.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (n, cfg.in_channels, *size)
+        return self.family.noise_shape(n, self.run_config.data.resolution)
 
     def generate(self, cond: Cond, n: int, steps: int | None = None, grad: bool = False,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -340,7 +333,7 @@ class DMD2Method(Method):
         if "image" not in batch:
             raise ConfigError(GAN_IMAGES_MSG)
         x = batch["image"].to(self.device)
-        return x if self.vae is None else encode_latents(self.vae, x)
+        return self.family.to_latents(x)
 
     def _fake_features(self) -> torch.Tensor:
         feats = self._captured.pop("mid", None)
@@ -472,8 +465,8 @@ class DMD2Method(Method):
         return sched
 
     def pipeline(self):
-        """The student as an in-memory pipeline (ClassConditionalPipeline or StableDiffusionPipeline)."""
-        return student_pipeline(self.student.model, self.export_scheduler(), self.conditioning)
+        """The student as an in-memory pipeline of the teacher's own pipeline class."""
+        return self.family.export_pipeline(self.student.model, self.export_scheduler())
 
     @torch.no_grad()
     def sample_grid(self, num: int, seed: int) -> np.ndarray:
@@ -497,7 +490,7 @@ class DMD2Method(Method):
             use = (f"pipe = load_pipeline(\"{out_dir.name}\")  # from stepdistill.pipelines\n"
                    f"images = pipe(class_labels=[0, 1, 2], timesteps={ts}).images")
         else:
-            use = (f"pipe = StableDiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
+            use = (f"pipe = {type(pipe).__name__}.from_pretrained(\"{out_dir.name}\")\n"
                    f"images = pipe([\"a photo of a cat\"], timesteps={ts}, guidance_scale=1.0).images")
         interval = [float(f) for f in self.cfg.real_guidance_interval]
         where = "" if interval == [0.0, 1.0] else f" at t/T in {interval}"

@@ -66,7 +66,7 @@ SAMPLE_GRID_SIZE = 64
 # bookkeeping keys change when files are written, and writing a sample grid or a log line draws no training
 # randomness (the RNGs are reseeded before every micro-batch).
 RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.log_every", "train.sample_every"}
+                     "train.keep_checkpoints", "train.log_every", "train.sample_every", "data.prompt_cache_mb"}
 # A run may also continue as a new training stage (``--allow-changes``) with new learning rates (optim.PHASE.lr,
 # applied to the restored LR schedulers) and new values of the keys its method lists in ``Method.stage_changes``
 # (loss weights, noise ranges): no checkpointed tensor depends on them. The changes are appended to the run's
@@ -179,12 +179,14 @@ def _as_saved(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _with_method_defaults(cfg: RunConfig, saved: dict) -> dict:
-    """``saved`` (a config.yaml as flat dotted keys) with every method_args key it lacks set to the method's default.
+    """``saved`` (a config.yaml as flat dotted keys) with every key it lacks set to its default: the method's
+    method_args and the run-level data / train keys.
 
-    A run saved before a key existed resumes with that key's default, so a new method key's default must reproduce
-    the behaviour from before the key was added (as DMD2's ``timestep_sampling: uniform`` does).
+    A run saved before a key existed resumes with that key's default, so a new key's default must reproduce the
+    behaviour from before the key was added (as DMD2's ``timestep_sampling: uniform`` does).
     """
-    return {**_as_saved(get_method(cfg.method).Config(), "method_args"), **_flatten(saved)}
+    run_defaults = {k: v for k, v in _as_saved(RunConfig()).items() if k.startswith(("data.", "train."))}
+    return {**run_defaults, **_as_saved(get_method(cfg.method).Config(), "method_args"), **_flatten(saved)}
 
 
 def _config_diff(cfg: RunConfig, old: dict) -> list[tuple[str, Any, Any]]:

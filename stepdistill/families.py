@@ -1,0 +1,210 @@
+"""Model families: how stepdistill talks to each kind of diffusers pipeline (k-diffusion's ``external.py`` in spirit).
+
+A :class:`Family` knows, for one kind of pipeline, how to call its denoising network, how to encode conditioning
+(class labels, or prompts through the pipeline's own ``encode_prompt`` with every text encoder it has), how to go
+between images and the network's space (VAE scale **and** shift), the shape of the noise, and how to rebuild the
+pipeline around a new network for export (``type(pipe)(**components)``, so the export is the teacher's own
+pipeline class). Methods talk to a Family and the :class:`~stepdistill.denoiser.Denoiser`, never to a pipeline
+class by name. Adding a family is adding a class here (and its tiny test pipeline) and listing it in
+:data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .conditioning import ClassConditioning, Cond, PromptCache
+from .errors import ConfigError
+
+
+class Family:
+    """The adapter of one kind of pipeline. Subclasses set ``name`` and implement the methods that raise here.
+
+    Args:
+        pipe: the loaded teacher pipeline (its modules are used in place, never copied).
+        source: how the teacher was named (alias, folder or hub id), for messages.
+        prompt_cache_bytes: bound of the per-prompt embedding cache (kept on the CPU) of text families.
+    """
+
+    name: ClassVar[str] = ""
+    # The pipeline attribute (and subfolder) holding the denoising network.
+    network_attr: ClassVar[str] = "unet"
+
+    def __init__(self, pipe: Any, source: str, prompt_cache_bytes: int = 1 << 30):
+        self.pipe, self.source = pipe, source
+        self.classes: ClassConditioning | None = None
+        self.prompts = PromptCache(self._encode_prompts, prompt_cache_bytes)
+
+    @classmethod
+    def accepts(cls, pipe: Any) -> bool:
+        raise NotImplementedError
+
+    @property
+    def network(self) -> nn.Module:
+        return getattr(self.pipe, self.network_attr)
+
+    @staticmethod
+    def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The network's raw output at (x, t) for ``cond``."""
+        raise NotImplementedError
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Frozen parts of the pipeline a method keeps beside the network (VAE, text encoders), by pipeline name."""
+        return {}
+
+    # --- conditioning -----------------------------------------------------------------------------------------------
+    def prompt_cond(self, prompts: list[str], device: torch.device | None = None) -> tuple[Cond, Cond]:
+        """(cond, uncond) for ``prompts``, as the pipeline itself conditions at sampling time."""
+        if self.classes is not None:
+            raise ConfigError(f"teacher '{self.source}' is class-conditional: it takes class labels, not prompts")
+        cond, uncond = self.prompts(list(prompts))
+        return cond.to(device), uncond.to(device)
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        raise ConfigError(f"teacher '{self.source}' ({type(self.pipe).__name__}) takes no prompts")
+
+    # --- the network's space ----------------------------------------------------------------------------------------
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the network's input space (identity for pixel-space families)."""
+        return images
+
+    def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
+        """Shape of n noise samples for images of side ``resolution``."""
+        raise NotImplementedError
+
+    # --- export -----------------------------------------------------------------------------------------------------
+    def export_pipeline(self, network: nn.Module, scheduler: Any) -> Any:
+        """The teacher's pipeline class around ``network`` and ``scheduler`` (every other component shared)."""
+        components = dict(self.pipe.components)
+        components[self.network_attr] = network
+        components["scheduler"] = scheduler
+        # Constructor flags the pipeline keeps in its config (requires_safety_checker, force_zeros_for_empty_prompt).
+        params = inspect.signature(type(self.pipe).__init__).parameters
+        flags = {k: v for k, v in self.pipe.config.items() if k in params and k not in components}
+        pipe = type(self.pipe)(**components, **flags)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+class ClassFamily(Family):
+    """Class-conditional pixel-space ``UNet2DModel`` (our ``ClassConditionalPipeline``, e.g. the digits16 teacher)."""
+
+    name = "class-conditional pixel UNet (ClassConditionalPipeline)"
+
+    def __init__(self, pipe: Any, source: str, prompt_cache_bytes: int = 1 << 30):
+        super().__init__(pipe, source, prompt_cache_bytes)
+        self.classes = ClassConditioning(pipe.num_classes)
+
+    @classmethod
+    def accepts(cls, pipe: Any) -> bool:
+        from stepdistill.pipelines import ClassConditionalPipeline
+
+        return isinstance(pipe, ClassConditionalPipeline)
+
+    @staticmethod
+    def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return model(x, t, class_labels=cond.class_labels).sample
+
+    def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
+        cfg = self.network.config
+        size = cfg.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (n, cfg.in_channels, *size)
+
+
+class LatentUNetFamily(Family):
+    """Latent-space ``UNet2DConditionModel`` pipelines with a VAE and text encoders (SD1.x/2.x and SDXL share this)."""
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+
+    @staticmethod
+    def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return model(x, t, encoder_hidden_states=cond.encoder_hidden_states, timestep_cond=cond.timestep_cond,
+                     added_cond_kwargs=cond.added_cond_kwargs).sample
+
+    def _encoder_device(self) -> torch.device:
+        return next(self.pipe.text_encoder.parameters()).device
+
+    @torch.no_grad()
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """One posterior sample of the VAE, shifted and scaled as the pipeline's decode expects (SD3/Flux-type VAEs
+        have a ``shift_factor``; SD/SDXL's is absent, i.e. 0)."""
+        vae = self.pipe.vae
+        z = vae.encode(images.to(device=next(vae.parameters()).device, dtype=vae.dtype)).latent_dist.sample()
+        shift = vae.config.get("shift_factor") or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
+        side = resolution // self.pipe.vae_scale_factor
+        return (n, self.network.config.in_channels, side, side)
+
+
+class SDFamily(LatentUNetFamily):
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder."""
+
+    name = "SD1.x/2.x (StableDiffusionPipeline)"
+
+    @classmethod
+    def accepts(cls, pipe: Any) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return (isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
+                and getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "vae", None) is not None
+                and getattr(pipe, "text_encoder_2", None) is None
+                and pipe.unet.config.get("addition_embed_type") is None)
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        cond, uncond = self.pipe.encode_prompt(prompts, self._encoder_device(), 1, True)
+        return Cond(encoder_hidden_states=cond), Cond(encoder_hidden_states=uncond)
+
+
+class SDXLFamily(LatentUNetFamily):
+    """Stable Diffusion XL: two CLIP text encoders (hidden states concatenated), the second's pooled embedding and the
+    size / crop micro-conditioning (``time_ids``) as the UNet's added conditions."""
+
+    name = "SDXL (StableDiffusionXLPipeline)"
+
+    def __init__(self, pipe: Any, source: str, prompt_cache_bytes: int = 1 << 30, resolution: int | None = None):
+        super().__init__(pipe, source, prompt_cache_bytes)
+        # Micro-conditioning as the pipeline uses at sampling by default: original = target size, no crop.
+        self.resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+
+    @classmethod
+    def accepts(cls, pipe: Any) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return (isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
+                and getattr(pipe, "text_encoder_2", None) is not None
+                and pipe.unet.config.get("addition_embed_type") == "text_time")
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        device = next(self.pipe.text_encoder_2.parameters()).device
+        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(prompt=prompts, device=device,
+                                                                    num_images_per_prompt=1,
+                                                                    do_classifier_free_guidance=True)
+        h = w = self.resolution
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device).repeat(len(prompts), 1)
+        return (Cond(encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}),
+                Cond(encoder_hidden_states=neg, added_cond_kwargs={"text_embeds": neg_pooled, "time_ids": time_ids}))
+
+
+# The families in the order they are tried (the more specific first).
+FAMILIES: tuple[type[Family], ...] = (ClassFamily, SDXLFamily, SDFamily)
+
+
+def family_of(pipe: Any, source: str, resolution: int | None = None, prompt_cache_bytes: int = 1 << 30) -> Family:
+    """The family adapter of a loaded pipeline; a ConfigError naming the supported families otherwise."""
+    for fam in FAMILIES:
+        if fam.accepts(pipe):
+            if fam is SDXLFamily:
+                return fam(pipe, source, prompt_cache_bytes, resolution=resolution)
+            return fam(pipe, source, prompt_cache_bytes)
+    names = "; ".join(f.name for f in FAMILIES)
+    raise ConfigError(f"teacher '{source}' is a {type(pipe).__name__}, which no supported family matches (supported: "
+                      f"{names}; SD3 and Flux are not supported yet)")

@@ -1,0 +1,204 @@
+"""Model families beyond SD1.x: SDXL (two text encoders, pooled embeddings and time ids) with DMD2 and consistency
+distillation, on a tiny pipeline built in code.
+
+Each export is loaded in a process that never imports stepdistill, with the family's stock diffusers class (or
+``load_lora_weights`` on the base pipeline), and its one-step output at the recorded timesteps must equal our own
+sampler's output for the same noise (tolerance 1e-4: the exported LCMScheduler's c_skip at t = 999 is ~2.5e-9, the
+rest is float32 round-off of the same network calls).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import randomize_lora
+from _tiny_sd import build_tiny_sdxl
+
+from stepdistill.config import load_config
+from stepdistill.errors import ConfigError
+from stepdistill.families import SDXLFamily, family_of
+from stepdistill.pipelines import load_pipeline
+from stepdistill.trainers import get_method
+from stepdistill.trainers.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red 1"
+STOCK = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "stepdistill":
+            raise ImportError("stepdistill must not be needed to load an export")
+
+sys.meta_path.insert(0, Block())
+import json, torch
+import diffusers
+
+args = json.loads(sys.argv[1])
+cls = getattr(diffusers, args["cls"])
+pipe = cls.from_pretrained(args["path"])
+if args.get("lora"):
+    pipe.load_lora_weights(args["lora"])
+    pipe.scheduler = diffusers.LCMScheduler.from_pretrained(args["lora"], subfolder="scheduler")
+pipe.set_progress_bar_config(disable=True)
+assert "stepdistill" not in sys.modules
+z = torch.load(args["noise"])
+out = pipe([args["prompt"]], timesteps=args["timesteps"], guidance_scale=args["guidance"], latents=z,
+           height=16, width=16, output_type="latent").images
+torch.save(out, args["out"])
+"""
+
+
+def _stock_latent(tmp_path: Path, z: torch.Tensor, **args) -> torch.Tensor:
+    """The one-step latent of a stock diffusers pipeline, computed in a process without stepdistill."""
+    torch.save(z, tmp_path / "z.pt")
+    args.update(noise=str(tmp_path / "z.pt"), out=str(tmp_path / "out.pt"), prompt=PROMPT)
+    res = subprocess.run([sys.executable, "-c", STOCK, json.dumps(args)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> str:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red 1\na blue 2\na green 3\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> str:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a picture {i}")
+    return str(folder)
+
+
+def _overrides(sdxl_dir: str, source: str, *extra: str) -> list[str]:
+    return [f"teacher={sdxl_dir}", f"data.source={source}", "data.resolution=16", "data.batch_size=2",
+            "train.max_steps=2", "train.tracker=none", "train.checkpoint_every=0", "train.log_every=1", *extra]
+
+
+def _noise(seed: int = 3) -> torch.Tensor:
+    return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sdxl_is_its_own_family(sdxl_dir):
+    family = family_of(load_pipeline(sdxl_dir), "tiny-sdxl", resolution=16)
+    assert isinstance(family, SDXLFamily)
+    cond, uncond = family.prompt_cond([PROMPT, "a blue 2"])
+    assert cond.encoder_hidden_states.shape[-1] == 32  # both encoders' hidden states, concatenated
+    assert cond.added_cond_kwargs["text_embeds"].shape == (2, 16)
+    assert cond.added_cond_kwargs["time_ids"][0].tolist() == [16, 16, 0, 0, 16, 16]
+    assert float(uncond.encoder_hidden_states.abs().sum()) == 0.0  # force_zeros_for_empty_prompt, as the pipeline
+
+
+def test_sdxl_dmd2_trains_and_exports_a_stock_sdxl_pipeline(sdxl_dir, prompts, tmp_path):
+    cfg = load_config("digits16_dmd2", _overrides(sdxl_dir, prompts, "method_args.gan_weight_student=0",
+                                                  "method_args.gan_weight_critic=0",
+                                                  "method_args.fake_score_lora_rank=2"))
+    run = train(cfg, tmp_path / "run")
+    rows = [json.loads(s) for s in (run / "logs.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["fake_score/loss"])) for r in rows)
+    export = run / "pipeline"
+    assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+
+    # Our sampler: the exported student network in the method, generating from the same noise.
+    method = get_method("dmd2")(cfg)
+    from diffusers import UNet2DConditionModel
+
+    method.student.model.load_state_dict(UNet2DConditionModel.from_pretrained(export, subfolder="unet").state_dict())
+    z = _noise()
+    with torch.no_grad():
+        cond, _ = method.family.prompt_cond([PROMPT])
+        ours = method.generate(cond, 1, steps=0, noise=z.clone())
+    stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=str(export), timesteps=[999],
+                          guidance=1.0)
+    torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_dmd2_gan_term_on_vae_latents(sdxl_dir, captioned):
+    method = get_method("dmd2")(load_config("digits16_dmd2", _overrides(sdxl_dir, captioned)))
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "prompt": ["a picture 0", "a picture 1"]}
+    for phase in ("student", "fake_score"):
+        loss, logs = method.loss(phase, batch, 0)
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert "gan_d_loss" in logs
+
+
+def test_sdxl_lcm_full_student_with_guidance_embedding(sdxl_dir, captioned, tmp_path):
+    cfg = load_config("digits16_lcm", _overrides(sdxl_dir, captioned, "method_args.guidance_min=2",
+                                                 "method_args.guidance_max=6", "method_args.w_embedding_dim=8",
+                                                 "method_args.sample_timesteps=[]", "train.ema_decay=0"))
+    run = train(cfg, tmp_path / "run")
+    export = run / "pipeline"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(export, subfolder="unet")
+    assert unet.config.time_cond_proj_dim == 8
+    method = get_method("consistency")(cfg)
+    method.student.model.load_state_dict(unet.state_dict())
+    z, w = _noise(), 4.0
+    with torch.no_grad():
+        cond, _ = method.family.prompt_cond([PROMPT])
+        ours = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]),
+                                     method._student_cond(cond, torch.tensor([w])))
+    stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=str(export), timesteps=[999],
+                          guidance=w)
+    torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_lcm_lora_loads_onto_the_stock_base(sdxl_dir, captioned, tmp_path):
+    cfg = load_config("digits16_lcm_lora", _overrides(sdxl_dir, captioned, "method_args.lora_rank=2",
+                                                      "method_args.lora_alpha=4"))
+    method = get_method("consistency")(cfg)
+    randomize_lora(method.student.model, 0.2)
+    export = tmp_path / "lora"
+    method.export(export)
+    z = _noise()
+    with torch.no_grad():
+        cond, _ = method.family.prompt_cond([PROMPT])
+        ours = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]), cond)
+    stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=sdxl_dir, lora=str(export),
+                          timesteps=[999], guidance=1.0)
+    torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
+    # Onto a pipeline of another family: one line naming both.
+    from _tiny_sd import build_tiny_sd
+
+    from stepdistill.errors import UserError
+
+    sd_dir = build_tiny_sd(tmp_path / "sd")
+    with pytest.raises(UserError, match="trained on a StableDiffusionXLPipeline .*cannot be loaded into a "
+                                        "StableDiffusionPipeline"):
+        load_pipeline(str(export), base=sd_dir)
+    # A short training run of the same recipe on SDXL.
+    run = train(cfg, tmp_path / "run")
+    assert (run / "pipeline" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_unsupported_family_names_the_supported_ones(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "ddpm"))
+    with pytest.raises(ConfigError, match="DDPMPipeline, which no supported family matches .*SDXL"):
+        get_method("dmd2")(load_config("digits16_dmd2", [f"teacher={tmp_path / 'ddpm'}"]))

@@ -129,6 +129,10 @@ def load_pipeline(name: str, device=None, dtype=None, base: str | None = None):
     diffusers_logging.disable_progress_bar()
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        # Components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None to load again.
+        if index.is_file():
+            kwargs.update({k: None for k, v in json.loads(index.read_text()).items()
+                           if isinstance(v, list) and v == [None, None]})
         pipe = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load pipeline '{name}': {first_line(e)}") from None

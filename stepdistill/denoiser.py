@@ -74,7 +74,7 @@ class Denoiser(nn.Module):
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t, sigma_t at model timesteps t, shaped to broadcast against ``like`` if given."""
         if self.is_flow:
-            a, s = S.flow_alpha_sigma(t.detach().cpu(), self.num_train_timesteps)
+            a, s = S.flow_alpha_sigma(t.detach(), self.num_train_timesteps)
         else:
             a, s = S.ddpm_alpha_sigma(self.alphas_cumprod, t.to(self.alphas_cumprod.device))
         if like is not None:

@@ -194,8 +194,45 @@ class SDXLFamily(LatentUNetFamily):
                 Cond(encoder_hidden_states=neg, added_cond_kwargs={"text_embeds": neg_pooled, "time_ids": time_ids}))
 
 
+class SD3Family(Family):
+    """Stable Diffusion 3 / 3.5: an ``SD3Transformer2DModel`` on flow-matching latents, two CLIP encoders and an
+    optional T5 (the pipeline fills its part with zeros when absent); the transformer takes ``sigma * 1000`` as its
+    timestep, the pooled CLIP embeddings as ``pooled_projections``; the VAE has a shift as well as a scale."""
+
+    name = "SD3 / SD3.5 (StableDiffusion3Pipeline)"
+    network_attr = "transformer"
+
+    @classmethod
+    def accepts(cls, pipe: Any) -> bool:
+        from diffusers import SD3Transformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+
+    @staticmethod
+    def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond.encoder_hidden_states,
+                     pooled_projections=cond.pooled_projections, return_dict=False)[0]
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        device = next(self.pipe.text_encoder.parameters()).device
+        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                                    device=device, do_classifier_free_guidance=True)
+        return (Cond(encoder_hidden_states=embeds, pooled_projections=pooled),
+                Cond(encoder_hidden_states=neg, pooled_projections=neg_pooled))
+
+    to_latents = LatentUNetFamily.to_latents
+
+    def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
+        side = resolution // self.pipe.vae_scale_factor
+        return (n, self.network.config.in_channels, side, side)
+
+
 # The families in the order they are tried (the more specific first).
-FAMILIES: tuple[type[Family], ...] = (ClassFamily, SDXLFamily, SDFamily)
+FAMILIES: tuple[type[Family], ...] = (ClassFamily, SDXLFamily, SDFamily, SD3Family)
 
 
 def family_of(pipe: Any, source: str, resolution: int | None = None, prompt_cache_bytes: int = 1 << 30) -> Family:
@@ -207,4 +244,4 @@ def family_of(pipe: Any, source: str, resolution: int | None = None, prompt_cach
             return fam(pipe, source, prompt_cache_bytes)
     names = "; ".join(f.name for f in FAMILIES)
     raise ConfigError(f"teacher '{source}' is a {type(pipe).__name__}, which no supported family matches (supported: "
-                      f"{names}; SD3 and Flux are not supported yet)")
+                      f"{names}; Flux is not supported yet)")

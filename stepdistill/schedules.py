@@ -33,8 +33,9 @@ def ddpm_alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[tor
 
 
 def flow_alpha_sigma(t: torch.Tensor, num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha, sigma of a rectified-flow schedule at model timesteps t = s * T."""
-    s = torch.as_tensor(t, dtype=torch.float64) / num_train_timesteps
+    """alpha, sigma of a rectified-flow schedule at model timesteps t = s * T (clamped to [0, T], so t < 0 is the clean
+    end as for DDPM schedules), on t's device (float32: every accelerator has it)."""
+    s = (torch.as_tensor(t).float() / num_train_timesteps).clamp(0.0, 1.0)
     return 1 - s, s
 
 

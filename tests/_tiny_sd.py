@@ -72,3 +72,36 @@ def build_tiny_sdxl(out: str | Path) -> str:
                                      unet=unet, scheduler=sched, add_watermarker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
     return str(out)
+
+
+def build_tiny_sd3(out: str | Path) -> str:
+    """Save a tiny random StableDiffusion3Pipeline (16x16 images, 8x8x4 latents, flow matching with shift 3): two CLIP
+    encoders with projections, no T5 (the pipeline fills its part with zeros), a VAE with shift and scale."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
+    config = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                  num_hidden_layers=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, projection_dim=16)
+    enc = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    enc_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    # joint_attention_dim = the two CLIP widths summed; pooled_projection_dim = the two projections summed.
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32,
+                                        pos_embed_max_size=16).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=enc, tokenizer=tok, text_encoder_2=enc_2, tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return str(out)

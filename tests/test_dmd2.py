@@ -384,7 +384,7 @@ def test_student_init_copies_another_pipelines_network(teacher_dir, tmp_path):
 def test_config_errors(teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"method_args.fake_score_lora_rank=64 .*max 8"):
         _method(teacher_dir, "method_args.fake_score_lora_rank=64")
-    with pytest.raises(ConfigError, match="student_timesteps.*\\[0, 1000\\)"):
+    with pytest.raises(ConfigError, match="student_timesteps.*\\[0, 999\\] for this DDPM-type teacher"):
         _method(teacher_dir, "method_args.student_timesteps=[1000,500]")
     with pytest.raises(ConfigError, match="strictly decreasing"):
         _method(teacher_dir, "method_args.student_timesteps=[499,999]")

@@ -1,5 +1,5 @@
 """Model families beyond SD1.x: SDXL (two text encoders, pooled embeddings and time ids) with DMD2 and consistency
-distillation, on a tiny pipeline built in code.
+distillation, and SD3 (a flow-matching transformer) with DMD2, on tiny pipelines built in code.
 
 Each export is loaded in a process that never imports stepdistill, with the family's stock diffusers class (or
 ``load_lora_weights`` on the base pipeline), and its one-step output at the recorded timesteps must equal our own
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny import randomize_lora
-from _tiny_sd import build_tiny_sdxl
+from _tiny_sd import build_tiny_sd3, build_tiny_sdxl
 
 from stepdistill.config import load_config
 from stepdistill.errors import ConfigError
@@ -42,15 +42,15 @@ import diffusers
 
 args = json.loads(sys.argv[1])
 cls = getattr(diffusers, args["cls"])
-pipe = cls.from_pretrained(args["path"])
+pipe = cls.from_pretrained(args["path"], **{k: None for k in args.get("absent", [])})
 if args.get("lora"):
     pipe.load_lora_weights(args["lora"])
     pipe.scheduler = diffusers.LCMScheduler.from_pretrained(args["lora"], subfolder="scheduler")
 pipe.set_progress_bar_config(disable=True)
 assert "stepdistill" not in sys.modules
 z = torch.load(args["noise"])
-out = pipe([args["prompt"]], timesteps=args["timesteps"], guidance_scale=args["guidance"], latents=z,
-           height=16, width=16, output_type="latent").images
+out = pipe([args["prompt"]], guidance_scale=args["guidance"], latents=z, height=16, width=16, output_type="latent",
+           **args["when"]).images
 torch.save(out, args["out"])
 """
 
@@ -128,7 +128,7 @@ def test_sdxl_dmd2_trains_and_exports_a_stock_sdxl_pipeline(sdxl_dir, prompts, t
     with torch.no_grad():
         cond, _ = method.family.prompt_cond([PROMPT])
         ours = method.generate(cond, 1, steps=0, noise=z.clone())
-    stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=str(export), timesteps=[999],
+    stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=str(export), when={"timesteps": [999]},
                           guidance=1.0)
     torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
 
@@ -160,7 +160,7 @@ def test_sdxl_lcm_full_student_with_guidance_embedding(sdxl_dir, captioned, tmp_
         cond, _ = method.family.prompt_cond([PROMPT])
         ours = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]),
                                      method._student_cond(cond, torch.tensor([w])))
-    stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=str(export), timesteps=[999],
+    stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=str(export), when={"timesteps": [999]},
                           guidance=w)
     torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
 
@@ -177,7 +177,7 @@ def test_sdxl_lcm_lora_loads_onto_the_stock_base(sdxl_dir, captioned, tmp_path):
         cond, _ = method.family.prompt_cond([PROMPT])
         ours = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]), cond)
     stock = _stock_latent(tmp_path, z, cls="StableDiffusionXLPipeline", path=sdxl_dir, lora=str(export),
-                          timesteps=[999], guidance=1.0)
+                          when={"timesteps": [999]}, guidance=1.0)
     torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
     # Onto a pipeline of another family: one line naming both.
     from _tiny_sd import build_tiny_sd
@@ -202,3 +202,51 @@ def test_unsupported_family_names_the_supported_ones(tmp_path):
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "ddpm"))
     with pytest.raises(ConfigError, match="DDPMPipeline, which no supported family matches .*SDXL"):
         get_method("dmd2")(load_config("digits16_dmd2", [f"teacher={tmp_path / 'ddpm'}"]))
+
+
+# --- SD3: a flow-matching transformer ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory) -> str:
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+def test_sd3_dmd2_trains_and_exports_a_stock_sd3_pipeline(sd3_dir, prompts, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from stepdistill.families import SD3Family
+
+    cfg = load_config("digits16_dmd2", _overrides(sd3_dir, prompts, "method_args.gan_weight_student=0",
+                                                  "method_args.gan_weight_critic=0",
+                                                  "method_args.fake_score_lora_rank=2",
+                                                  "method_args.student_timesteps=[1000]"))
+    run = train(cfg, tmp_path / "run")
+    export = run / "pipeline"
+    assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    sched = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sched["student_sigmas"] == [1.0]
+    assert sched["shift"] == 1.0 and not sched["stochastic_sampling"]
+
+    method = get_method("dmd2")(cfg)
+    assert isinstance(method.family, SD3Family) and method.teacher.is_flow
+    method.student.model.load_state_dict(
+        SD3Transformer2DModel.from_pretrained(export, subfolder="transformer").state_dict())
+    z = _noise()
+    with torch.no_grad():
+        cond, _ = method.family.prompt_cond([PROMPT])
+        ours = method.generate(cond, 1, steps=0, noise=z.clone())
+    stock = _stock_latent(tmp_path, z, cls="StableDiffusion3Pipeline", path=str(export),
+                          absent=["text_encoder_3", "tokenizer_3"], when={"sigmas": [1.0]}, guidance=1.0)
+    torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_flow_teacher_refusals(sd3_dir, captioned, prompts):
+    no_gan = ["method_args.gan_weight_student=0", "method_args.gan_weight_critic=0"]
+    with pytest.raises(ConfigError, match=r"student_timesteps must be non-empty integers in \[1, 1000\] .*flow"):
+        get_method("dmd2")(load_config("digits16_dmd2", _overrides(sd3_dir, prompts, *no_gan,
+                                                                   "method_args.student_timesteps=[0]")))
+    with pytest.raises(ConfigError, match="consistency distillation of flow-matching teachers .*distill this "
+                                          "teacher with dmd2"):
+        get_method("consistency")(load_config("digits16_lcm", _overrides(sd3_dir, captioned)))
+    with pytest.raises(ConfigError, match="mid_block"):
+        get_method("dmd2")(load_config("digits16_dmd2", _overrides(sd3_dir, captioned,
+                                                                   "method_args.student_timesteps=[1000]")))

@@ -32,9 +32,6 @@ def load_teacher(run_config: Any, who: str) -> tuple[Family, Denoiser]:
         teacher = Denoiser(family.network.requires_grad_(False), scheduler, call=family.call)
     except UserError as e:
         raise ConfigError(f"teacher '{run_config.teacher}': {e}") from None
-    if teacher.is_flow:
-        raise ConfigError(f"{who} supports DDPM-family teachers (epsilon / v / sample prediction); flow-matching "
-                          "teachers are not supported yet")
     for m in family.frozen_modules().values():
         m.requires_grad_(False).eval()
     return family, teacher

@@ -238,6 +238,10 @@ class ConsistencyMethod(Method):
         if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
             raise ConfigError(IMAGES_MSG)
         self.family, teacher = load_teacher(run_config, "consistency distillation")
+        if teacher.is_flow:
+            raise ConfigError(f"consistency distillation of flow-matching teachers ('{run_config.teacher}') is not "
+                              "supported yet (its DDIM solver grid and LCM boundary condition are those of DDPM "
+                              "schedules); distill this teacher with dmd2")
         unet, scheduler, call = self.family.network, self.family.pipe.scheduler, self.family.call
         self.scheduler = scheduler
         self.T = teacher.num_train_timesteps

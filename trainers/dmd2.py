@@ -169,7 +169,7 @@ class DMD2Method(Method):
         unet, scheduler, call = self.family.network, self.family.pipe.scheduler, self.family.call
         self.scheduler = scheduler
         T = self.teacher.num_train_timesteps
-        self._validate(c, T)
+        self._validate(c, T, self.teacher.is_flow)
         # Timestep drawn for grid index k (k uniform): the identity, or the Karras-spaced grid.
         all_t = torch.arange(T)
         self.register_buffer("_t_grid", all_t if c.timestep_sampling == "uniform" else
@@ -213,10 +213,14 @@ class DMD2Method(Method):
 
     # --- construction helpers -----------------------------------------------------------------------------------
     @staticmethod
-    def _validate(c: DMD2Config, T: int) -> None:
+    def _validate(c: DMD2Config, T: int, flow: bool) -> None:
         ts = list(c.student_timesteps)
-        if not ts or any(not 0 <= t < T for t in ts):
-            raise ConfigError(f"method_args.student_timesteps must be non-empty integers in [0, {T}), got {ts}")
+        # Flow-matching timesteps are sigma * T, and a student that starts from pure noise sits at sigma = 1 (t = T).
+        lo, hi = (1, T) if flow else (0, T - 1)
+        if not ts or any(not lo <= t <= hi for t in ts):
+            raise ConfigError(f"method_args.student_timesteps must be non-empty integers in [{lo}, {hi}] for this "
+                              f"{'flow-matching' if flow else 'DDPM-type'} teacher, got {ts}"
+                              + (f" (a flow student starts from pure noise at t = {T})" if flow else ""))
         if any(b >= a for a, b in zip(ts, ts[1:])):
             raise ConfigError(f"method_args.student_timesteps must be strictly decreasing, got {ts}")
         if not (0.0 <= c.min_t < c.max_t <= 1.0):
@@ -442,15 +446,28 @@ class DMD2Method(Method):
 
     # --- outputs --------------------------------------------------------------------------------------------------
     def export_scheduler(self):
-        """An ``LCMScheduler`` that reproduces the student's training-time sampler.
+        """A scheduler that reproduces the student's training-time sampler, with the timesteps recorded as
+        ``student_timesteps`` in its config.
 
-        ``timesteps=student_timesteps`` always reproduces it; ``original_inference_steps`` is chosen (largest first)
-        so that ``num_inference_steps=len(student_timesteps)`` gives the same list whenever the LCM spacing can
-        express it. The timesteps are also recorded as ``student_timesteps`` in the scheduler config.
+        DDPM-type teachers: an ``LCMScheduler``; ``timesteps=student_timesteps`` always reproduces the sampler, and
+        ``original_inference_steps`` is chosen (largest first) so that ``num_inference_steps=len(student_timesteps)``
+        gives the same list whenever the LCM spacing can express it. Flow-matching teachers: the teacher's
+        ``FlowMatchEulerDiscreteScheduler`` without shifting (the trained noise levels are exact, recorded as
+        ``student_sigmas``: pass them as ``sigmas=``), stochastic for several steps (each step predicts x0 and
+        re-noises it with fresh noise, as backward simulation trained it).
         """
+        ts = [int(t) for t in self.cfg.student_timesteps]
+        if self.teacher.is_flow:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=1.0,
+                                                                use_dynamic_shifting=False,
+                                                                stochastic_sampling=len(ts) > 1)
+            sched.register_to_config(student_timesteps=ts,
+                                     student_sigmas=[t / self.teacher.num_train_timesteps for t in ts])
+            return sched
         from diffusers import LCMScheduler
 
-        ts = [int(t) for t in self.cfg.student_timesteps]
         sched = LCMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing", clip_sample=False,
                                          thresholding=False, timestep_scaling=_LCM_TIMESTEP_SCALING)
         for n in range(50, len(ts) - 1, -1):
@@ -464,6 +481,14 @@ class DMD2Method(Method):
         sched.register_to_config(student_timesteps=ts)
         return sched
 
+    def sampling_kwargs(self) -> dict:
+        """How to ask the exported pipeline for the trained sampler: ``timesteps=`` (DDPM-type and our class
+        pipeline) or ``sigmas=`` (the stock flow-matching pipelines)."""
+        ts = [int(t) for t in self.cfg.student_timesteps]
+        if self.teacher.is_flow and self.classes is None:
+            return {"sigmas": [t / self.teacher.num_train_timesteps for t in ts]}
+        return {"timesteps": ts}
+
     def pipeline(self):
         """The student as an in-memory pipeline of the teacher's own pipeline class."""
         return self.family.export_pipeline(self.student.model, self.export_scheduler())
@@ -471,13 +496,15 @@ class DMD2Method(Method):
     @torch.no_grad()
     def sample_grid(self, num: int, seed: int) -> np.ndarray:
         pipe = self.pipeline()
-        ts = list(self.cfg.student_timesteps)
+        when = self.sampling_kwargs()
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
         if self.classes is not None:
             labels = torch.arange(num) % self.classes.num_classes
-            return to_uint8(pipe(labels, timesteps=ts, generator=gens, output_type="pt").images)
+            return to_uint8(pipe(labels, generator=gens, output_type="pt", **when).images)
         prompts = [self.cfg.sample_prompts[i % len(self.cfg.sample_prompts)] for i in range(num)]
-        images = pipe(prompts, timesteps=ts, guidance_scale=1.0, generator=gens, output_type="np").images
+        size = self.run_config.data.resolution
+        images = pipe(prompts, guidance_scale=1.0, generator=gens, output_type="np", height=size, width=size,
+                      **when).images
         return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
     def export(self, out_dir: Path) -> None:
@@ -485,13 +512,20 @@ class DMD2Method(Method):
         pipe = self.pipeline()
         pipe.save_pretrained(str(out_dir), safe_serialization=True)
         ts = list(self.cfg.student_timesteps)
-        sched = pipe.scheduler.config
+        when = ", ".join(f"{k}={v}" for k, v in self.sampling_kwargs().items())
         if self.classes is not None:
             use = (f"pipe = load_pipeline(\"{out_dir.name}\")  # from stepdistill.pipelines\n"
-                   f"images = pipe(class_labels=[0, 1, 2], timesteps={ts}).images")
+                   f"images = pipe(class_labels=[0, 1, 2], {when}).images")
         else:
             use = (f"pipe = {type(pipe).__name__}.from_pretrained(\"{out_dir.name}\")\n"
-                   f"images = pipe([\"a photo of a cat\"], timesteps={ts}, guidance_scale=1.0).images")
+                   f"images = pipe([\"a photo of a cat\"], {when}, guidance_scale=1.0).images")
+        if self.teacher.is_flow:
+            how = (f"Sample with `{when}` (recorded as `student_sigmas`; the exported FlowMatchEulerDiscreteScheduler "
+                   "does no shifting)")
+        else:
+            how = (f"Sample with `timesteps={ts}` (or `num_inference_steps={len(ts)}` with the saved "
+                   f"`original_inference_steps={pipe.scheduler.config.original_inference_steps}`"
+                   f"{'' if self._num_steps_reproduces(pipe.scheduler) else ', which does NOT reproduce them here'})")
         interval = [float(f) for f in self.cfg.real_guidance_interval]
         where = "" if interval == [0.0, 1.0] else f" at t/T in {interval}"
         (out_dir / "README.md").write_text(
@@ -500,10 +534,7 @@ class DMD2Method(Method):
             f"{', GAN term' if self.use_gan else ''}) by stepdistill:\n\n"
             f"    stepdistill train dmd2 --config <config.yaml>   # teacher={self.run_config.teacher}\n\n"
             f"Trained timesteps: `{ts}` (recorded as `student_timesteps` in scheduler/scheduler_config.json). "
-            f"Sample with `timesteps={ts}` (or `num_inference_steps={len(ts)}` with the saved "
-            f"`original_inference_steps={sched.original_inference_steps}`"
-            f"{'' if self._num_steps_reproduces(pipe.scheduler) else ', which does NOT reproduce them here'}) "
-            f"and no CFG (the teacher's guidance w={self.cfg.real_guidance}{where} is distilled in).\n\n"
+            f"{how} and no CFG (the teacher's guidance w={self.cfg.real_guidance}{where} is distilled in).\n\n"
             f"```python\n{use}\n```\n")
 
     def _num_steps_reproduces(self, sched) -> bool:

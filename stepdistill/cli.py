@@ -260,6 +260,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "real":
         bench.run_real_floor(args.out, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
         return 0
+    if args.which == "memory":
+        if args.overrides or args.config:
+            raise UserError("bench memory takes no --config or key=value overrides")
+        from stepdistill.eval.bench_memory import run_memory_bench
+
+        run_memory_bench(args.out, overwrite=args.overwrite)
+        return 0
     if args.which == "teacher":
         if args.overrides or args.config:
             raise UserError("bench teacher takes no --config or key=value overrides")
@@ -267,7 +274,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                    pipeline=args.pipeline)
         return 0
     if args.which not in DISTILL_BENCHES:
-        raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, "
+        raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, memory, "
                         f"{', '.join(DISTILL_BENCHES)})")
     method, configs, steps = DISTILL_BENCHES[args.which]
     if args.config:
@@ -388,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "distill the teacher (configs/digits16_dmd2.yaml; configs/digits16_lcm*.yaml and "
                                    "digits16_multiphase.yaml), evaluate the students against the teacher at equal N, "
                                    "write report.md, metrics.json, grids and loss plots.")
-    b.add_argument("which", help="benchmark: real (the metrics' floor: real digits at the same N), teacher, dmd2 or "
-                                 "consistency (LCM, LCM-LoRA and multiphase)")
+    b.add_argument("which", help="benchmark: real (the metrics' floor: real digits at the same N), teacher, dmd2, "
+                                 "consistency (LCM, LCM-LoRA and multiphase) or memory (peak memory of one DMD2 "
+                                 "and one LCM step with float32 vs bfloat16 frozen parts)")
     b.add_argument("--config", help="training config of a distillation benchmark (one student instead of the "
                                     "defaults)")
     b.add_argument("--student-steps", help="comma list of student step counts (default: the trained timesteps; "

@@ -67,8 +67,14 @@ class TrainConfig:
     max_steps: int = 1000
     # Micro-batches accumulated per optimizer update (for every phase).
     grad_accum: int = 1
-    # "no", "fp16" or "bf16" (accelerate mixed precision).
-    mixed_precision: str = "no"
+    # "no", "fp16" or "bf16" (accelerate mixed precision of the trainable networks); "" = what accelerate was
+    # launched with (accelerate launch --mixed_precision / its config), "no" without a launcher.
+    mixed_precision: str = ""
+    # dtype of the frozen parts (teacher network weights, VAE, text encoders): "float32", "bfloat16" or "float16".
+    # Trainable weights (students, fake scores, LoRA adapters) stay float32 whatever this says.
+    teacher_dtype: str = "float32"
+    # Recompute activations in the backward pass of the trainable networks (less memory, ~30% more compute).
+    gradient_checkpointing: bool = False
     # EMA decay of the student (0 = no EMA). The EMA weights are what gets exported when enabled.
     ema_decay: float = 0.0
     # Warm the EMA decay up from 0 towards ema_decay over the first steps (diffusers EMAModel's use_ema_warmup).
@@ -163,6 +169,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            # YAML 1.1 (PyYAML) reads unquoted no / yes / off / on as booleans: `mixed_precision: no` means "no".
+            return "yes" if value else "no"
         raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
     return value
 
@@ -274,11 +283,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, met
     check_optim_phases(cfg, method_cls.phase_names)
     # Every phase gets its optimizer section, defaults filled in, so the resolved config says what trains.
     cfg.optim = {n: cfg.optim.get(n, OptimConfig()) for n in method_cls.phase_names}
+    resolve_launch_settings(cfg)
     check_values(cfg)
     return cfg
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_launch_settings(cfg: RunConfig) -> RunConfig:
+    """Fill ``train.mixed_precision: ""`` with what accelerate was launched with (its launcher exports
+    ACCELERATE_MIXED_PRECISION; "no" without one), so that the saved config says what ran."""
+    import os
+
+    if cfg.train.mixed_precision == "":
+        cfg.train.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return cfg
 
 
 def check_values(cfg: RunConfig) -> None:
@@ -304,8 +325,9 @@ def check_values(cfg: RunConfig) -> None:
     need(d.prompt_cache_mb >= 0, "data.prompt_cache_mb", "0 (no cache) or more MiB", d.prompt_cache_mb)
     need(t.max_steps >= 1, "train.max_steps", "at least 1 (0 steps would export the untrained copy)", t.max_steps)
     need(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)
-    need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " / ".join(MIXED_PRECISION),
+    need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " / ".join(MIXED_PRECISION) + " (or unset)",
          t.mixed_precision)
+    need(t.teacher_dtype in TEACHER_DTYPES, "train.teacher_dtype", " / ".join(TEACHER_DTYPES), t.teacher_dtype)
     need(finite(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0 = no EMA)", t.ema_decay)
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "0 (only at the end) or a positive number of steps",
          t.checkpoint_every)

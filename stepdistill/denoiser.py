@@ -50,6 +50,11 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model = model
         self.call = call or call_network
+        # The dtype the network computes in (its weights'); inputs are cast to it and outputs back to the caller's,
+        # so a frozen bf16 teacher and an fp32 student take the same float32 tensors (train.teacher_dtype).
+        # (Weights held as buffers, like an EMA target's, count too.)
+        weights = (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+        self.compute_dtype = next(weights, torch.ones(()).float()).dtype
         if hasattr(scheduler, "config"):  # a scheduler object: its in-memory config has no _class_name
             config, cls_name = dict(scheduler.config), type(scheduler).__name__
         else:
@@ -96,11 +101,16 @@ class Denoiser(nn.Module):
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
+        dt = self.compute_dtype
+
+        def call(x: torch.Tensor, tt: torch.Tensor, c: Cond) -> torch.Tensor:
+            return self.call(self.model, x.to(dt), tt, c.to(dtype=dt)).to(x_t.dtype)
+
         if guidance_scale is None:
-            return self.call(self.model, x_t, t, cond)
+            return call(x_t, t, cond)
         if uncond is None:
             raise ValueError("guidance_scale given without an unconditional Cond")
-        both = self.call(self.model, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(uncond, cond))
+        both = call(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(uncond, cond))
         out_u, out_c = both.chunk(2)
         return S.cfg_combine(out_u, out_c, guidance_scale)
 

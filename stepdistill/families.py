@@ -12,6 +12,8 @@ class by name. Adding a family is adding a class here (and its tiny test pipelin
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -76,16 +78,39 @@ class Family:
         """Shape of n noise samples for images of side ``resolution``."""
         raise NotImplementedError
 
+    @contextmanager
+    def frozen_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """The frozen parts (VAE, text encoders) in ``dtype`` for the block, back in their own dtype after it: a
+        pipeline around an fp32 student samples with them (bf16 -> fp32 -> bf16 is exact)."""
+        params = [p for m in self.frozen_modules().values() for p in m.parameters()]
+        dtypes = [p.dtype for p in params]
+        for p in params:
+            p.data = p.data.to(dtype)
+        try:
+            yield
+        finally:
+            for p, d in zip(params, dtypes):
+                p.data = p.data.to(d)
+
     # --- export -----------------------------------------------------------------------------------------------------
-    def export_pipeline(self, network: nn.Module, scheduler: Any) -> Any:
-        """The teacher's pipeline class around ``network`` and ``scheduler`` (every other component shared)."""
-        components = dict(self.pipe.components)
+    def export_pipeline(self, network: nn.Module, scheduler: Any, originals: bool = False) -> Any:
+        """The teacher's pipeline class around ``network`` and ``scheduler``.
+
+        Every other component is shared with the teacher pipeline, or, with ``originals``, taken from a fresh load of
+        the teacher (the frozen parts as published, not the copies a run keeps in ``train.teacher_dtype``).
+        """
+        base = self.pipe
+        if originals:
+            from stepdistill.pipelines import load_pipeline
+
+            base = load_pipeline(self.source)
+        components = dict(base.components)
         components[self.network_attr] = network
         components["scheduler"] = scheduler
         # Constructor flags the pipeline keeps in its config (requires_safety_checker, force_zeros_for_empty_prompt).
-        params = inspect.signature(type(self.pipe).__init__).parameters
-        flags = {k: v for k, v in self.pipe.config.items() if k in params and k not in components}
-        pipe = type(self.pipe)(**components, **flags)
+        params = inspect.signature(type(base).__init__).parameters
+        flags = {k: v for k, v in base.config.items() if k in params and k not in components}
+        pipe = type(base)(**components, **flags)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -154,3 +154,11 @@ def test_readme_commands_parse_and_name_real_recipes(tmp_path, capsys):
             assert main([*argv[:argv.index("--out")], "--out", str(out), "--dry-run"]) == 0, argv
             assert not out.exists()
     capsys.readouterr()
+
+
+def test_unset_mixed_precision_is_what_accelerate_was_launched_with(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert load_config("digits16_lcm").train.mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` exports
+    assert load_config("digits16_lcm").train.mixed_precision == "bf16"
+    assert load_config("digits16_lcm", ["train.mixed_precision=no"]).train.mixed_precision == "no"  # explicit wins

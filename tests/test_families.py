@@ -250,3 +250,59 @@ def test_flow_teacher_refusals(sd3_dir, captioned, prompts):
     with pytest.raises(ConfigError, match="mid_block"):
         get_method("dmd2")(load_config("digits16_dmd2", _overrides(sd3_dir, captioned,
                                                                    "method_args.student_timesteps=[1000]")))
+
+
+# --- memory: frozen parts in bf16, gradient checkpointing ----------------------------------------------------------
+def test_teacher_dtype_bf16_keeps_trainable_weights_fp32(sdxl_dir, prompts, tmp_path):
+    cfg = load_config("digits16_dmd2", _overrides(sdxl_dir, prompts, "method_args.gan_weight_student=0",
+                                                  "method_args.gan_weight_critic=0",
+                                                  "method_args.fake_score_lora_rank=2", "train.teacher_dtype=bfloat16",
+                                                  "train.gradient_checkpointing=true"))
+    method = get_method("dmd2")(cfg)
+    teacher = method.teacher.model
+    frozen = {p.dtype for p in teacher.parameters() if not p.requires_grad}
+    adapters = {p.dtype for p in teacher.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and adapters == {torch.float32}
+    assert {p.dtype for p in method.text_encoder_2.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in method.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in method.student.parameters()} == {torch.float32}
+    # Both phases run and their losses are finite; the real score in bf16 is close to the fp32 teacher's.
+    batch = {"prompt": ["a red 1", "a blue 2"]}
+    for phase in ("student", "fake_score"):
+        loss, _ = method.loss(phase, batch, 0)
+        loss.backward()
+        assert torch.isfinite(loss)
+    ref = get_method("dmd2")(load_config("digits16_dmd2", _overrides(sdxl_dir, prompts,
+                                                                     "method_args.gan_weight_student=0",
+                                                                     "method_args.gan_weight_critic=0",
+                                                                     "method_args.fake_score_lora_rank=2")))
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 700])
+    with torch.no_grad():
+        cond, uncond = method.family.prompt_cond(batch["prompt"])
+        low = method.real_score(x, t, cond, uncond)
+        cond, uncond = ref.family.prompt_cond(batch["prompt"])
+        high = ref.real_score(x, t, cond, uncond)
+    assert low.dtype == torch.float32
+    assert (low - high).abs().max() < 0.05 * high.abs().max() and not torch.equal(low, high)
+    # Gradient checkpointing reaches every network with trainable weights (student; teacher network with adapters).
+    from stepdistill.trainers.loop import _enable_gradient_checkpointing
+
+    _enable_gradient_checkpointing(method)
+    assert method.student.model.is_gradient_checkpointing and teacher.is_gradient_checkpointing
+    # A short run with both options trains and exports the frozen parts as published (fp32 originals).
+    run = train(cfg, tmp_path / "run")
+    exported = load_pipeline(str(run / "pipeline"))
+    original = load_pipeline(sdxl_dir)
+    for name in ("vae", "text_encoder_2"):
+        a, b = getattr(exported, name).state_dict(), getattr(original, name).state_dict()
+        assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in b), name
+    assert {p.dtype for p in exported.unet.parameters()} == {torch.float32}
+
+
+def test_memory_options_refused_where_they_cannot_work(sdxl_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="'train.teacher_dtype' is 'float16', which needs a GPU"):
+        train(load_config("digits16_dmd2", _overrides(sdxl_dir, prompts, "train.teacher_dtype=float16")), out)
+    with pytest.raises(ConfigError, match="'train.teacher_dtype' must be float32 / bfloat16 / float16"):
+        load_config("digits16_dmd2", ["train.teacher_dtype=int8"])
+    assert not out.exists()

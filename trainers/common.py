@@ -37,6 +37,19 @@ def load_teacher(run_config: Any, who: str) -> tuple[Family, Denoiser]:
     return family, teacher
 
 
+def cast_frozen(teacher: Denoiser, family: Family, dtype_name: str) -> None:
+    """Store the frozen parts (the teacher network's frozen weights, VAE, text encoders) in ``train.teacher_dtype``;
+    trainable parameters (LoRA adapters on the teacher network) keep float32."""
+    dtype = getattr(torch, dtype_name)
+    if dtype == torch.float32:
+        return
+    for module in (teacher.model, *family.frozen_modules().values()):
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+    teacher.compute_dtype = dtype
+
+
 # Config keys that do not change a network's computation (bookkeeping written by diffusers).
 _NON_ARCH_KEYS = {"_name_or_path", "_diffusers_version", "_class_name", "_use_default_values"}
 

@@ -77,6 +77,7 @@ from .base import Method, Phase
 from .common import (
     adapters,
     add_lora,
+    cast_frozen,
     check_labels,
     load_teacher,
 )
@@ -272,6 +273,8 @@ class ConsistencyMethod(Method):
             self.student = Denoiser(net.requires_grad_(True), scheduler, call=call)
             # The EMA target as buffers: checkpointed (frozen parameters are not) and never trained.
             self.target = Denoiser(params_to_buffers(copy.deepcopy(net)), scheduler, call=call)
+        # The frozen teacher (and VAE, text encoders) in train.teacher_dtype, now that the trainable copies exist.
+        cast_frozen(teacher, self.family, run_config.train.teacher_dtype)
         # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.
         self.register_buffer("target_step", torch.tensor(-1, dtype=torch.long))
         # Every rank computes the same target state: DDP must not broadcast it.
@@ -500,17 +503,22 @@ class ConsistencyMethod(Method):
             return self.student.model
         from stepdistill.pipelines.lora import fuse_lora
 
-        return fuse_lora(copy.deepcopy(self.student.model))
+        # float32 like every exported student, whatever dtype the frozen base weights are kept in during training.
+        return fuse_lora(copy.deepcopy(self.student.model)).float()
 
-    def pipeline(self):
-        """The student as an in-memory pipeline of the teacher's own pipeline class."""
-        return self.family.export_pipeline(self.fused_network(), self.export_scheduler())
+    def pipeline(self, originals: bool = False):
+        """The student as an in-memory pipeline of the teacher's own pipeline class (see Family.export_pipeline)."""
+        return self.family.export_pipeline(self.fused_network(), self.export_scheduler(), originals)
 
     def _sample_steps(self) -> int:
         return self.cfg.sample_steps if self.final_segments == 1 else self.final_segments
 
     @torch.no_grad()
     def sample_grid(self, num: int, seed: int) -> np.ndarray:
+        with self.family.frozen_in(torch.float32):
+            return self._sample_grid(num, seed)
+
+    def _sample_grid(self, num: int, seed: int) -> np.ndarray:
         from stepdistill.pipelines import recorded_timesteps
 
         pipe = self.pipeline()
@@ -533,7 +541,7 @@ class ConsistencyMethod(Method):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        pipe = self.pipeline()
+        pipe = self.pipeline(originals=self.run_config.train.teacher_dtype != "float32")
         if not self.lora or self.classes is not None:
             pipe.save_pretrained(str(out_dir), safe_serialization=True)
         else:

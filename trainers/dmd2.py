@@ -33,6 +33,7 @@ from .base import Method, Phase
 from .common import (
     adapters,
     add_lora,
+    cast_frozen,
     check_labels,
     init_student_weights,
     load_teacher,
@@ -196,6 +197,9 @@ class DMD2Method(Method):
             self.fake_score: Denoiser | None = None
         else:
             self.fake_score = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler, call=call)
+
+        # The frozen teacher (and VAE, text encoders) in train.teacher_dtype, now that the trainable copies exist.
+        cast_frozen(self.teacher, self.family, run_config.train.teacher_dtype)
 
         # 5. GAN head on the fake score's bottleneck features, captured by a forward hook on its mid_block.
         self.use_gan = c.gan_weight_student > 0 or c.gan_weight_critic > 0
@@ -489,12 +493,16 @@ class DMD2Method(Method):
             return {"sigmas": [t / self.teacher.num_train_timesteps for t in ts]}
         return {"timesteps": ts}
 
-    def pipeline(self):
-        """The student as an in-memory pipeline of the teacher's own pipeline class."""
-        return self.family.export_pipeline(self.student.model, self.export_scheduler())
+    def pipeline(self, originals: bool = False):
+        """The student as an in-memory pipeline of the teacher's own pipeline class (see Family.export_pipeline)."""
+        return self.family.export_pipeline(self.student.model, self.export_scheduler(), originals)
 
     @torch.no_grad()
     def sample_grid(self, num: int, seed: int) -> np.ndarray:
+        with self.family.frozen_in(torch.float32):
+            return self._sample_grid(num, seed)
+
+    def _sample_grid(self, num: int, seed: int) -> np.ndarray:
         pipe = self.pipeline()
         when = self.sampling_kwargs()
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
@@ -509,7 +517,7 @@ class DMD2Method(Method):
 
     def export(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
-        pipe = self.pipeline()
+        pipe = self.pipeline(originals=self.run_config.train.teacher_dtype != "float32")
         pipe.save_pretrained(str(out_dir), safe_serialization=True)
         ts = list(self.cfg.student_timesteps)
         when = ", ".join(f"{k}={v}" for k, v in self.sampling_kwargs().items())

@@ -48,6 +48,7 @@ from stepdistill.config import (
     check_optim_phases,
     check_values,
     load_config,
+    resolve_launch_settings,
     save_config,
     to_dict,
 )
@@ -66,7 +67,8 @@ SAMPLE_GRID_SIZE = 64
 # bookkeeping keys change when files are written, and writing a sample grid or a log line draws no training
 # randomness (the RNGs are reseeded before every micro-batch).
 RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.log_every", "train.sample_every", "data.prompt_cache_mb"}
+                     "train.keep_checkpoints", "train.log_every", "train.sample_every", "data.prompt_cache_mb",
+                     "train.gradient_checkpointing"}
 # A run may also continue as a new training stage (``--allow-changes``) with new learning rates (optim.PHASE.lr,
 # applied to the restored LR schedulers) and new values of the keys its method lists in ``Method.stage_changes``
 # (loss weights, noise ranges): no checkpointed tensor depends on them. The changes are appended to the run's
@@ -266,6 +268,18 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
                         "to replace it, or choose another output folder")
     get_method(cfg.method).check_stage_change(saved, cfg)
     return "resume", diff
+
+
+def _enable_gradient_checkpointing(method: Method) -> None:
+    """Switch on diffusers' gradient checkpointing in every network of ``method`` that has trainable parameters."""
+    from diffusers import ModelMixin
+
+    nets = [m for m in method.modules() if isinstance(m, ModelMixin) and any(p.requires_grad for p in m.parameters())]
+    if not nets or not all(m._supports_gradient_checkpointing for m in nets):
+        raise ConfigError(f"train.gradient_checkpointing: method '{method.name}' has no trainable diffusers network "
+                          "that supports it; set it to false")
+    for m in nets:
+        m.enable_gradient_checkpointing()
 
 
 def _accelerate_launch_processes() -> int | None:
@@ -529,13 +543,27 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     out = Path(out_dir)
     tc = cfg.train
+    resolve_launch_settings(cfg)
     check_values(cfg)  # also for configs built in code, not through load_config
     # Every process decides from the same untouched folder; nothing is written before all have decided.
     mode, changes = plan_out_dir(cfg, out, resume, overwrite, allow_changes)
 
+    has_device = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+    if tc.mixed_precision == "fp16" and not has_device:
+        raise ConfigError("config key 'train.mixed_precision' is 'fp16', which needs a GPU; use 'bf16' or 'no' on "
+                          "the CPU")
+    for key, value in (("mixed_precision", tc.mixed_precision), ("teacher_dtype", tc.teacher_dtype)):
+        if value in ("bf16", "bfloat16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"config key 'train.{key}' is '{value}', which this GPU does not support; use float16 "
+                              "or no reduced precision")
+    if tc.teacher_dtype == "float16" and not has_device:
+        raise ConfigError("config key 'train.teacher_dtype' is 'float16', which needs a GPU; use 'bfloat16' or "
+                          "'float32' on the CPU")
     # Same seed on every rank for construction, so all ranks build identical weights (DDP also broadcasts them).
     seed_everything(cfg.seed)
     method: Method = get_method(cfg.method)(cfg)
+    if tc.gradient_checkpointing:
+        _enable_gradient_checkpointing(method)
     phases = method.phases()
     optim_cfgs = _validate_phases(phases, cfg)
     # Data (also for data-free methods: their prompt file or labels), still before anything is written, so that
@@ -560,13 +588,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     if len(phases) > 1:
         # Each phase's loss reaches only part of the trainable parameters, so DDP must not wait for the rest.
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    has_device = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
-    if tc.mixed_precision == "fp16" and not has_device:
-        raise ConfigError("config key 'train.mixed_precision' is 'fp16', which needs a GPU; use 'bf16' or 'no' on "
-                          "the CPU")
-    if tc.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ConfigError("config key 'train.mixed_precision' is 'bf16', which this GPU does not support; use "
-                          "'fp16' or 'no'")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         # train() may run several times in one process (tests, notebooks, sweeps); accelerate's process-wide state

@@ -1,0 +1,132 @@
+"""``stepdistill bench memory``: peak memory of one DMD2 and one LCM training step with the frozen parts (teacher
+network, VAE, text encoder) in float32 vs bfloat16 (``train.teacher_dtype``), side by side in one run.
+
+The teacher is a small Stable-Diffusion-type pipeline built in code (random weights, ~90 MB of UNet in float32),
+saved once to a temporary folder. Each configuration runs in a fresh process, so the numbers do not share an
+allocator: on a GPU the peak of ``torch.cuda.max_memory_allocated`` during the step, on the CPU the growth of the
+process's peak resident memory (``ru_maxrss``) from just after the imports to the end of the step. Both include the
+trainable copies, their gradients and AdamW states, which teacher_dtype does not touch, so the ratio shows what the
+option saves on a whole step, not on the frozen parts alone.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONFIGS = [("dmd2", "digits16_dmd2", ["method_args.gan_weight_student=0", "method_args.gan_weight_critic=0"]),
+           ("lcm", "digits16_lcm", ["method_args.sample_timesteps=[]", "method_args.w_embedding_dim=0"])]
+DTYPES = ("float32", "bfloat16")
+
+
+def build_small_sd(out: Path) -> str:
+    """A small SD-type pipeline (64x64 images, 8x8x4 latents): a UNet with 320/640 channels and cross attention, a
+    4-layer CLIP text encoder over a word-level vocabulary of 18 tokens, a 4-level VAE; random weights, seeded."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    words = ["<|startoftext|>", "<|endoftext|>", "a", "red", "blue", "cat", "dog", "picture", *"0123456789"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=32)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=256, intermediate_size=1024,
+                                       num_attention_heads=4, num_hidden_layers=4, max_position_embeddings=32,
+                                       bos_token_id=0, eos_token_id=1)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(320, 640),
+                                layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=256,
+                                attention_head_dim=8).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
+                        latent_channels=4, sample_size=64)
+    sched = DDIMScheduler(prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=enc, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return str(out)
+
+
+def one_step(method: str, recipe: str, overrides: list[str], teacher: str, dtype: str, data: str) -> dict:
+    """Build the method and run one update of every phase; return the memory it took (MiB)."""
+    import torch
+
+    from stepdistill.config import load_config
+    from stepdistill.trainers import get_method
+
+    name = {"lcm": "consistency"}.get(method, method)
+    cfg = load_config(recipe, [f"teacher={teacher}", f"train.teacher_dtype={dtype}", "data.resolution=64",
+                               "data.batch_size=4", f"data.source={data}", *overrides], method=name)
+    cuda = torch.cuda.is_available()
+    base = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    m = get_method(name)(cfg)
+    if cuda:
+        m = m.cuda()
+    batch = {"image": torch.rand(4, 3, 64, 64, device="cuda" if cuda else "cpu") * 2 - 1,
+             "prompt": ["a red 1", "a blue 2", "a cat", "a dog"]}
+    for phase in m.phases():
+        opt = torch.optim.AdamW(phase.params, lr=1e-6)
+        loss, _ = m.loss(phase.name, batch, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "teacher_dtype": dtype, "peak_mib": (peak - base) / 2**20,
+            "device": "cuda" if cuda else "cpu"}
+
+
+def _data_folder(root: Path) -> str:
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a picture {i}")
+    return str(folder)
+
+
+def run_memory_bench(out: str | Path, overwrite: bool = False) -> list[dict]:
+    """Every (method, teacher_dtype) in a fresh process; writes OUT/memory.md and memory.json, prints the table."""
+    from stepdistill.utils import prepare_out_dir
+
+    out = prepare_out_dir(out, overwrite)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = build_small_sd(Path(tmp) / "small_sd")
+        data = _data_folder(Path(tmp))
+        for method, recipe, overrides in CONFIGS:
+            for dtype in DTYPES:
+                args = json.dumps([method, recipe, overrides, teacher, dtype, data])
+                res = subprocess.run([sys.executable, "-m", "stepdistill.eval.bench_memory", args],
+                                     capture_output=True, text=True, timeout=1800)
+                if res.returncode != 0:
+                    raise RuntimeError(f"memory bench {method}/{dtype} failed:\n{res.stderr[-3000:]}")
+                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    lines = ["| method | frozen parts | peak MiB of one step | vs float32 |", "|---|---|---|---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["method"] == r["method"] and x["teacher_dtype"] == "float32")
+        lines.append(f"| {r['method']} | {r['teacher_dtype']} | {r['peak_mib']:.0f} | "
+                     f"{r['peak_mib'] / ref['peak_mib']:.2f}x |")
+    text = ("One training step (every phase: loss, backward, AdamW update) on a small SD-type pipeline built in "
+            f"code, batch 4 at 64 px, device {rows[0]['device']}; each row in a fresh process.\n\n"
+            + "\n".join(lines) + "\n")
+    (out / "memory.md").write_text(text)
+    (out / "memory.json").write_text(json.dumps(rows, indent=2))
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(one_step(*json.loads(sys.argv[1]))))

@@ -75,7 +75,8 @@ class TrainConfig:
     teacher_dtype: str = "float32"
     # Recompute activations in the backward pass of the trainable networks (less memory, ~30% more compute).
     gradient_checkpointing: bool = False
-    # EMA decay of the student (0 = no EMA). The EMA weights are what gets exported when enabled.
+    # EMA decay of the student (0 = no EMA), stepped after each update of the phase that trains it. The EMA weights
+    # are what gets exported when enabled; refused where a method keeps no student EMA (LoRA students).
     ema_decay: float = 0.0
     # Warm the EMA decay up from 0 towards ema_decay over the first steps (diffusers EMAModel's use_ema_warmup).
     ema_warmup: bool = False

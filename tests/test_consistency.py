@@ -541,6 +541,13 @@ def _without_base_record(folder: Path) -> Path:
     return old
 
 
+def test_ema_decay_refused_where_the_method_keeps_no_student_ema(teacher_dir, tmp_path):
+    cfg = load_config(CONFIG, run_overrides(teacher_dir, "method_args.lora_rank=4", "train.ema_decay=0.99"))
+    with pytest.raises(ConfigError, match="ema_decay=0.99: method 'consistency' keeps no EMA .*target_ema_decay"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_incompatible_lora_files_are_clear_errors(teacher_dir, sd_dir, tmp_path):
     from stepdistill.pipelines.lora import load_lora
 

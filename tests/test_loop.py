@@ -109,7 +109,8 @@ def _assert_same_final_state(a: Path, b: Path, steps: int = MAX_STEPS) -> None:
         assert torch.equal(wa[k], wb[k]), k
     assert not list(ca.glob("custom_checkpoint_*")), "no pickled custom state"
     with safe_open(str(ca / "ema.safetensors"), "pt") as fa, safe_open(str(cb / "ema.safetensors"), "pt") as fb:
-        assert json.loads(fa.metadata()["ema"])["optimization_step"] == steps
+        # The EMA steps with its network's phase (the toy's student updates every 2nd step), not every loop step.
+        assert json.loads(fa.metadata()["ema"])["optimization_step"] == steps // 2
         assert fa.metadata() == fb.metadata() and fa.keys() == fb.keys() and len(fa.keys()) == 4
         for k in fa.keys():
             assert torch.equal(fa.get_tensor(k), fb.get_tensor(k))

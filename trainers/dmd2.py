@@ -364,8 +364,8 @@ class DMD2Method(Method):
         ]
 
     def ema_network(self) -> nn.Module:
-        # The exported student is the EMA of G when train.ema_decay > 0 (the EMA steps once per loop step, i.e.
-        # fake_updates_per_student times per student update). The fake score keeps modelling the raw G.
+        # The exported student is the EMA of G when train.ema_decay > 0 (the EMA steps once per student update,
+        # after it). The fake score keeps modelling the raw G.
         return self.student.model
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -270,6 +270,15 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
     return "resume", diff
 
 
+def _ema_phase(phases: list[Phase], ema_params: list[torch.nn.Parameter]) -> str:
+    """The phase that trains the EMA network (all its trainable parameters are that phase's)."""
+    trained = {id(p) for p in ema_params if p.requires_grad}
+    for phase in phases:
+        if trained and trained <= {id(p) for p in phase.params}:
+            return phase.name
+    raise ValueError("the method's ema_network() is not trained by a single phase")
+
+
 def _enable_gradient_checkpointing(method: Method) -> None:
     """Switch on diffusers' gradient checkpointing in every network of ``method`` that has trainable parameters."""
     from diffusers import ModelMixin
@@ -562,6 +571,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     # Same seed on every rank for construction, so all ranks build identical weights (DDP also broadcasts them).
     seed_everything(cfg.seed)
     method: Method = get_method(cfg.method)(cfg)
+    if tc.ema_decay > 0 and method.ema_network() is None:
+        raise ConfigError(f"train.ema_decay={tc.ema_decay}: method '{cfg.method}' keeps no EMA of its student in this "
+                          "configuration (e.g. a LoRA student, whose target EMA is method_args.target_ema_decay); set "
+                          "train.ema_decay=0")
     if tc.gradient_checkpointing:
         _enable_gradient_checkpointing(method)
     phases = method.phases()
@@ -657,12 +670,14 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     # The EMA is saved by the loop as safetensors (ema.safetensors), not registered with accelerate, which would
     # pickle it and load the pickle with weights_only=False: a copied run folder could then run code on resume.
-    ema, ema_params = None, []
-    ema_net = method.ema_network() if tc.ema_decay > 0 else None
-    if ema_net is not None:
+    # The EMA belongs to the phase that trains its network and steps right after that phase's optimizer step (so
+    # its decay is per update of the network, whatever the other phases' update ratio).
+    ema, ema_params, ema_phase = None, [], None
+    if tc.ema_decay > 0:
         from diffusers.training_utils import EMAModel
 
-        ema_params = list(ema_net.parameters())
+        ema_params = list(method.ema_network().parameters())
+        ema_phase = _ema_phase(phases, ema_params)
         ema = EMAModel(ema_params, decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup)
 
     # Resume. The loop keeps its own data position instead of using accelerate's prepared dataloader +
@@ -748,11 +763,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if phase.name == ema_phase:
+                ema.step(ema_params)
             # A phase's loss may also reach other phases' trainable parameters (e.g. a generator loss through the
             # critic); those gradients must not leak into the next phase's update.
             method.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(ema_params)
         done = step + 1
         bar.update(1)
 

@@ -20,6 +20,7 @@ class Cond:
         pooled_projections: (B, D) pooled text embedding (SD3/Flux-type transformers).
         added_cond_kwargs: extra UNet inputs (SDXL ``text_embeds`` / ``time_ids``), each (B, ...).
         timestep_cond: (B, D) extra time-like embedding (LCM's guidance-scale embedding).
+        guidance: (B,) guidance scale given to a guidance-distilled network as an input (Flux-dev's ``guidance``).
     """
 
     class_labels: torch.Tensor | None = None
@@ -27,6 +28,7 @@ class Cond:
     pooled_projections: torch.Tensor | None = None
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
     timestep_cond: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def _map(self, fn) -> Cond:
         out = {}

@@ -6,6 +6,8 @@ The prediction type and schedule are read from the teacher's scheduler config, n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -41,15 +43,19 @@ class Denoiser(nn.Module):
         prediction_type: override what the network predicts (rarely needed).
         call: ``call(model, x, t, cond) -> raw output``, the model family's way of calling the network
             (:meth:`stepdistill.families.Family.call`); by default chosen from the network's class.
+        guidance_input: for guidance-distilled networks (Flux-dev), the guidance scale they take as an input when no
+            ``guidance_scale`` is asked for; CFG is then that input, one network call, not two. None for others.
 
     ``t`` is always the network's own timestep input: integers in [0, T) for DDPM-family schedules, ``sigma * T``
     for flow matching.
     """
 
-    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None, call=None):
+    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None, call=None,
+                 guidance_input: float | None = None):
         super().__init__()
         self.model = model
         self.call = call or call_network
+        self.guidance_input = guidance_input
         # The dtype the network computes in (its weights'); inputs are cast to it and outputs back to the caller's,
         # so a frozen bf16 teacher and an fp32 student take the same float32 tensors (train.teacher_dtype).
         # (Weights held as buffers, like an EMA target's, count too.)
@@ -106,6 +112,10 @@ class Denoiser(nn.Module):
         def call(x: torch.Tensor, tt: torch.Tensor, c: Cond) -> torch.Tensor:
             return self.call(self.model, x.to(dt), tt, c.to(dtype=dt)).to(x_t.dtype)
 
+        if self.guidance_input is not None:  # guidance-distilled: the scale is an input of one pass
+            w = self.guidance_input if guidance_scale is None else guidance_scale
+            return call(x_t, t, replace(cond, guidance=torch.as_tensor(w, device=x_t.device).float().expand(
+                x_t.shape[0]).clone()))
         if guidance_scale is None:
             return call(x_t, t, cond)
         if uncond is None:

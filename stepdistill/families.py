@@ -35,6 +35,9 @@ class Family:
     name: ClassVar[str] = ""
     # The pipeline attribute (and subfolder) holding the denoising network.
     network_attr: ClassVar[str] = "unet"
+    # Guidance-distilled networks (Flux-dev) take the guidance scale as an input: the value used when no CFG is
+    # asked for (the stock pipeline's default guidance_scale). None: CFG is two passes, as usual.
+    guidance_input: float | None = None
 
     def __init__(self, pipe: Any, source: str, prompt_cache_bytes: int = 1 << 30):
         self.pipe, self.source = pipe, source
@@ -48,6 +51,13 @@ class Family:
     @property
     def network(self) -> nn.Module:
         return getattr(self.pipe, self.network_attr)
+
+    def denoiser(self, model: nn.Module):
+        """``model`` (the teacher network or a copy of it) as a Denoiser on the teacher's schedule, called the
+        family's way."""
+        from .denoiser import Denoiser
+
+        return Denoiser(model, self.pipe.scheduler, call=self.call, guidance_input=self.guidance_input)
 
     @staticmethod
     def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -256,8 +266,71 @@ class SD3Family(Family):
         return (n, self.network.config.in_channels, side, side)
 
 
+class FluxFamily(Family):
+    """Flux.1 (and transformers of its layout): a ``FluxTransformer2DModel`` on flow-matching latents packed 2x2 into
+    tokens with image / text position ids, a CLIP encoder (pooled) and a T5 encoder (sequence), a VAE with shift and
+    scale. The transformer takes ``sigma`` (``t / 1000``) as its timestep. Flux-dev is guidance-distilled: its CFG
+    scale is the ``guidance`` input of one pass (the pipeline's default 3.5 when none is asked for)."""
+
+    name = "Flux (FluxPipeline)"
+    network_attr = "transformer"
+
+    def __init__(self, pipe: Any, source: str, prompt_cache_bytes: int = 1 << 30):
+        super().__init__(pipe, source, prompt_cache_bytes)
+        self.guidance_input = 3.5 if pipe.transformer.config.guidance_embeds else None
+
+    @classmethod
+    def accepts(cls, pipe: Any) -> bool:
+        from diffusers import FluxTransformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+
+    @staticmethod
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens, as FluxPipeline packs them."""
+        b, c, h, w = x.shape
+        return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The inverse of :meth:`pack` for latents of side (h, w)."""
+        b, _, c4 = tokens.shape
+        return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+    @staticmethod
+    def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b, _, h, w = x.shape
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        txt_ids = torch.zeros(cond.encoder_hidden_states.shape[1], 3, device=x.device, dtype=x.dtype)
+        out = model(hidden_states=FluxFamily.pack(x), timestep=t.to(x.dtype) / 1000, guidance=cond.guidance,
+                    pooled_projections=cond.pooled_projections, encoder_hidden_states=cond.encoder_hidden_states,
+                    txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
+        return FluxFamily.unpack(out, h, w)
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        device = next(self.pipe.text_encoder.parameters()).device
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+        cond = Cond(encoder_hidden_states=embeds, pooled_projections=pooled)
+        if self.guidance_input is not None:  # CFG is the guidance input: no unconditional pass is ever made
+            return cond, cond
+        neg, neg_pooled, _ = self.pipe.encode_prompt(prompt=[""] * len(prompts), prompt_2=None, device=device)
+        return cond, Cond(encoder_hidden_states=neg, pooled_projections=neg_pooled)
+
+    to_latents = LatentUNetFamily.to_latents
+
+    def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
+        side = 2 * (resolution // (self.pipe.vae_scale_factor * 2))
+        return (n, self.network.config.in_channels // 4, side, side)
+
+
 # The families in the order they are tried (the more specific first).
-FAMILIES: tuple[type[Family], ...] = (ClassFamily, SDXLFamily, SDFamily, SD3Family)
+FAMILIES: tuple[type[Family], ...] = (ClassFamily, SDXLFamily, SDFamily, SD3Family, FluxFamily)
 
 
 def family_of(pipe: Any, source: str, resolution: int | None = None, prompt_cache_bytes: int = 1 << 30) -> Family:
@@ -269,4 +342,4 @@ def family_of(pipe: Any, source: str, resolution: int | None = None, prompt_cach
             return fam(pipe, source, prompt_cache_bytes)
     names = "; ".join(f.name for f in FAMILIES)
     raise ConfigError(f"teacher '{source}' is a {type(pipe).__name__}, which no supported family matches (supported: "
-                      f"{names}; Flux is not supported yet)")
+                      f"{names})")

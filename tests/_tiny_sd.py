@@ -105,3 +105,47 @@ def build_tiny_sd3(out: str | Path) -> str:
                                     text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(str(out), safe_serialization=True)
     return str(out)
+
+
+def tiny_t5():
+    """A tiny T5 encoder and a word-level T5 tokenizer, both built in code (no vocabulary file)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "green", "picture", "cat", "dog",
+             *[str(i) for i in range(10)]]
+    # A Unigram model, as T5's own (transformers rebuilds a T5 tokenizer from a Unigram vocabulary when loading).
+    tok = Tokenizer(models.Unigram([(w, -float(i)) for i, w in enumerate(words)], unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                model_max_length=32, extra_ids=0)
+    enc = T5EncoderModel(T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval()
+    return tokenizer, enc
+
+
+def build_tiny_flux(out: str | Path, guidance_embeds: bool = True) -> str:
+    """Save a tiny random FluxPipeline (16x16 images, 8x8x4 latents packed into 16 tokens of 16 channels): a CLIP
+    encoder (pooled, width 16), a tiny T5 (width 32), a guidance-distilled transformer (as Flux-dev) by default."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                       num_attention_heads=2, num_hidden_layers=2,
+                                       max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id)).eval()
+    tok_2, enc_2 = tiny_t5()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16, shift_factor=0.1159, scaling_factor=0.3611)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=enc, tokenizer=tok, text_encoder_2=enc_2,
+                        tokenizer_2=tok_2, transformer=transformer)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return str(out)

@@ -162,3 +162,13 @@ def test_unset_mixed_precision_is_what_accelerate_was_launched_with(monkeypatch)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` exports
     assert load_config("digits16_lcm").train.mixed_precision == "bf16"
     assert load_config("digits16_lcm", ["train.mixed_precision=no"]).train.mixed_precision == "no"  # explicit wins
+
+
+def test_every_shipped_recipe_loads():
+    from stepdistill.config import list_recipes
+
+    names = list_recipes()
+    assert {"digits16_dmd2", "sd3_dmd2", "flux_dmd2", "sdxl_lcm_lora"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.method in METHODS and cfg.optim, name

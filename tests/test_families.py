@@ -1,5 +1,6 @@
 """Model families beyond SD1.x: SDXL (two text encoders, pooled embeddings and time ids) with DMD2 and consistency
-distillation, and SD3 (a flow-matching transformer) with DMD2, on tiny pipelines built in code.
+distillation, SD3 and Flux (flow-matching transformers; Flux packed into tokens and guidance-distilled) with DMD2,
+on tiny pipelines built in code.
 
 Each export is loaded in a process that never imports stepdistill, with the family's stock diffusers class (or
 ``load_lora_weights`` on the base pipeline), and its one-step output at the recorded timesteps must equal our own
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny import randomize_lora
-from _tiny_sd import build_tiny_sd3, build_tiny_sdxl
+from _tiny_sd import build_tiny_flux, build_tiny_sd3, build_tiny_sdxl
 
 from stepdistill.config import load_config
 from stepdistill.errors import ConfigError
@@ -49,8 +50,12 @@ if args.get("lora"):
 pipe.set_progress_bar_config(disable=True)
 assert "stepdistill" not in sys.modules
 z = torch.load(args["noise"])
+if args.get("packed"):  # Flux takes and returns latents packed into tokens
+    z = pipe._pack_latents(z, *z.shape)
 out = pipe([args["prompt"]], guidance_scale=args["guidance"], latents=z, height=16, width=16, output_type="latent",
            **args["when"]).images
+if args.get("packed"):
+    out = pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)
 torch.save(out, args["out"])
 """
 
@@ -306,3 +311,54 @@ def test_memory_options_refused_where_they_cannot_work(sdxl_dir, prompts, tmp_pa
     with pytest.raises(ConfigError, match="'train.teacher_dtype' must be float32 / bfloat16 / float16"):
         load_config("digits16_dmd2", ["train.teacher_dtype=int8"])
     assert not out.exists()
+
+
+# --- Flux: packed latents, guidance as an input -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory) -> str:
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "pipe")
+
+
+def test_flux_dmd2_trains_and_exports_a_stock_flux_pipeline(flux_dir, prompts, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from stepdistill.families import FluxFamily
+
+    cfg = load_config("digits16_dmd2", _overrides(flux_dir, prompts, "method_args.gan_weight_student=0",
+                                                  "method_args.gan_weight_critic=0",
+                                                  "method_args.fake_score_lora_rank=2",
+                                                  "method_args.student_timesteps=[1000]"))
+    run = train(cfg, tmp_path / "run")
+    export = run / "pipeline"
+    assert json.loads((export / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    sched = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["student_sigmas"] == [1.0] and not sched["use_dynamic_shifting"]
+
+    method = get_method("dmd2")(cfg)
+    assert isinstance(method.family, FluxFamily) and method.teacher.guidance_input == 3.5
+    method.student.model.load_state_dict(
+        FluxTransformer2DModel.from_pretrained(export, subfolder="transformer").state_dict())
+    z = _noise()
+    with torch.no_grad():
+        cond, _ = method.family.prompt_cond([PROMPT])
+        ours = method.generate(cond, 1, steps=0, noise=z.clone())
+    # The stock pipeline's default guidance_scale (3.5) is the guidance input the student was trained with.
+    stock = _stock_latent(tmp_path, z, cls="FluxPipeline", path=str(export), when={"sigmas": [1.0]},
+                          guidance=3.5, packed=True)
+    torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_flux_guidance_is_one_pass_with_the_scale_as_input(flux_dir):
+    """For a guidance-distilled network, CFG at w is the network called once with guidance = w (no uncond pass)."""
+    family = family_of(load_pipeline(flux_dir), "tiny-flux", resolution=16)
+    den = family.denoiser(family.network)
+    calls = []
+    orig = den.call
+    den.call = lambda *a: calls.append(a[3].guidance.tolist()) or orig(*a)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([300, 800])
+    cond, uncond = family.prompt_cond([PROMPT, "a blue 2"])
+    with torch.no_grad():
+        guided = den(x, t, cond, "x0", guidance_scale=5.0, uncond=uncond)
+        plain = den(x, t, cond, "x0")
+    assert calls == [[5.0, 5.0], [3.5, 3.5]]  # one pass each: w as the input, else the pipeline's default
+    assert not torch.allclose(guided, plain)

@@ -29,7 +29,7 @@ def load_teacher(run_config: Any, who: str) -> tuple[Family, Denoiser]:
         raise ConfigError(f"teacher '{run_config.teacher}' has no usable scheduler config (num_train_timesteps, "
                           f"beta_schedule); {who} reads the noise schedule from it")
     try:
-        teacher = Denoiser(family.network.requires_grad_(False), scheduler, call=family.call)
+        teacher = family.denoiser(family.network.requires_grad_(False))
     except UserError as e:
         raise ConfigError(f"teacher '{run_config.teacher}': {e}") from None
     for m in family.frozen_modules().values():

@@ -243,7 +243,7 @@ class ConsistencyMethod(Method):
             raise ConfigError(f"consistency distillation of flow-matching teachers ('{run_config.teacher}') is not "
                               "supported yet (its DDIM solver grid and LCM boundary condition are those of DDPM "
                               "schedules); distill this teacher with dmd2")
-        unet, scheduler, call = self.family.network, self.family.pipe.scheduler, self.family.call
+        unet, scheduler = self.family.network, self.family.pipe.scheduler
         self.scheduler = scheduler
         self.T = teacher.num_train_timesteps
         self.lora = c.lora_rank != 0
@@ -270,9 +270,9 @@ class ConsistencyMethod(Method):
             self._frozen_teacher = teacher
             self.target_adapters = None
             net = self._full_student(unet, c)
-            self.student = Denoiser(net.requires_grad_(True), scheduler, call=call)
+            self.student = self.family.denoiser(net.requires_grad_(True))
             # The EMA target as buffers: checkpointed (frozen parameters are not) and never trained.
-            self.target = Denoiser(params_to_buffers(copy.deepcopy(net)), scheduler, call=call)
+            self.target = self.family.denoiser(params_to_buffers(copy.deepcopy(net)))
         # The frozen teacher (and VAE, text encoders) in train.teacher_dtype, now that the trainable copies exist.
         cast_frozen(teacher, self.family, run_config.train.teacher_dtype)
         # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.

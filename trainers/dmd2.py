@@ -167,7 +167,7 @@ class DMD2Method(Method):
         super().__init__(run_config)
         c: DMD2Config = self.cfg
         self.family, self.teacher = load_teacher(run_config, "dmd2")
-        unet, scheduler, call = self.family.network, self.family.pipe.scheduler, self.family.call
+        unet, scheduler = self.family.network, self.family.pipe.scheduler
         self.scheduler = scheduler
         T = self.teacher.num_train_timesteps
         self._validate(c, T, self.teacher.is_flow)
@@ -183,7 +183,7 @@ class DMD2Method(Method):
             setattr(self, name, module)
 
         # 1. The student G: a trainable copy of the teacher network (or of another pipeline's, same architecture).
-        self.student = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler, call=call)
+        self.student = self.family.denoiser(copy.deepcopy(unet).requires_grad_(True))
         if c.student_init:
             init_student_weights(self.student.model, c.student_init, "method_args.student_init",
                                  self.family.network_attr)
@@ -196,7 +196,7 @@ class DMD2Method(Method):
                      "method_args.fake_score_lora_rank")
             self.fake_score: Denoiser | None = None
         else:
-            self.fake_score = Denoiser(copy.deepcopy(unet).requires_grad_(True), scheduler, call=call)
+            self.fake_score = self.family.denoiser(copy.deepcopy(unet).requires_grad_(True))
 
         # The frozen teacher (and VAE, text encoders) in train.teacher_dtype, now that the trainable copies exist.
         cast_frozen(self.teacher, self.family, run_config.train.teacher_dtype)

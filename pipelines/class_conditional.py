@@ -101,7 +101,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         use_cfg = guidance_scale != 1.0
         null = torch.full_like(labels, self.null_class)
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = self.scheduler.scale_model_input(x, t)
+            # Flow-matching schedulers have no input scaling.
+            model_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
             if use_cfg:
                 out = self.unet(torch.cat([model_in, model_in]), t, class_labels=torch.cat([null, labels])).sample
                 out_u, out_c = out.chunk(2)

@@ -49,7 +49,7 @@ def _dry_run(cfg, args: argparse.Namespace) -> int:
     import yaml
 
     from stepdistill.config import to_dict
-    from stepdistill.trainers.loop import plan_out_dir
+    from stepdistill.trainers.run_folder import plan_out_dir
 
     mode, changes = plan_out_dir(cfg, Path(args.out), resume=not args.no_resume, overwrite=args.overwrite,
                                  allow_changes=args.allow_changes)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from stepdistill.pipelines import ClassConditionalPipeline
@@ -85,7 +86,8 @@ def train_two_processes(config: Path, out: Path, overrides: list[str]) -> subpro
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "stepdistill.trainers.loop", "--config", str(config), "--out", str(out), *overrides]
+           "-m", "stepdistill", "train", yaml.safe_load(Path(config).read_text())["method"], "--config", str(config),
+           "--out", str(out), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

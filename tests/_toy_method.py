@@ -107,12 +107,31 @@ def weights_hash(method: nn.Module) -> str:
     return h.hexdigest()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/_toy_method.py [--config X] --out Y [key=value ...]``: train the toy, return an exit code."""
+    import argparse
+
+    from stepdistill.config import load_config
+    from stepdistill.errors import UserError
+    from stepdistill.trainers.loop import train
+
+    parser = argparse.ArgumentParser(prog="_toy_method.py")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        train(load_config(args.config, args.overrides), args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
     from stepdistill.trainers import METHODS
 
     METHODS["toy"] = "_toy_method:ToyMethod"
-    from stepdistill.trainers.loop import main
-
     code = main()
     if code == 0 and os.environ.get("TOY_HASH_DIR"):
         import _toy_method  # the registry's copy of this module, not __main__

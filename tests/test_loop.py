@@ -22,6 +22,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:  # _toy_method lives beside this file; tests/ need not be a package
     sys.path.insert(0, str(HERE))
 
+from _toy_method import main  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -29,7 +30,8 @@ from stepdistill.config import OptimConfig, from_dict, load_config  # noqa: E402
 from stepdistill.errors import UserError  # noqa: E402
 from stepdistill.trainers import METHODS  # noqa: E402
 from stepdistill.trainers import checkpoint as ckpt  # noqa: E402
-from stepdistill.trainers.loop import ShardedInfiniteBatchSampler, main, train  # noqa: E402
+from stepdistill.trainers.data_stream import ShardedInfiniteBatchSampler  # noqa: E402
+from stepdistill.trainers.loop import train  # noqa: E402
 
 MAX_STEPS = 20
 # Two phases (student every 2 steps, critic every step), grad accumulation, EMA with warm-up, a cosine schedule with

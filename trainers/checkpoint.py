@@ -18,10 +18,15 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from stepdistill.errors import UserError, first_line
 
 COMPLETE_MARKER = "COMPLETE"
 LOOP_STATE = "loop_state.json"
@@ -182,3 +187,89 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dic
             _delete(old)
     accelerator.wait_for_everyone()
     return final
+
+
+# --- what a checkpoint holds: the trained state only, the EMA as safetensors ------------------------------------
+EMA_FILE = "ema.safetensors"
+
+
+def _unwrapped_name(key: str) -> str:
+    """A parameter name as the unwrapped method has it (DDP prefixes ``module.``)."""
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def keep_trained(weights: list[dict], frozen: set[str]) -> None:
+    """accelerate save hook: the state dicts to save, renamed to unwrapped names and without frozen parameters."""
+    for w in weights:
+        kept = {_unwrapped_name(k): v for k, v in w.items() if _unwrapped_name(k) not in frozen}
+        w.clear()
+        w.update(kept)
+
+
+def load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set[str]) -> None:
+    """accelerate load hook: load ``model.safetensors`` into the unwrapped method by its own names, check that every
+    trained tensor is there, and take the model off accelerate's list (it would load by the wrapped names)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"'{path}' is missing")
+    state = {_unwrapped_name(k): v for k, v in load_file(str(path)).items()}
+    expected = method.state_dict()
+    missing = [k for k in expected if k not in state and k not in frozen]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"its weights do not fit this method (missing {', '.join(missing[:3]) or 'none'}; "
+                        f"unexpected {', '.join(unexpected[:3]) or 'none'})")
+    method.load_state_dict(state, strict=False)
+    models.clear()
+
+
+def save_ema(ema: Any, folder: Path) -> None:
+    """The EMA's shadow weights as safetensors, its counters as JSON metadata of the same file."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, str(folder / EMA_FILE),
+              metadata={"ema": json.dumps(state)})
+
+
+def load_ema(ema: Any, folder: Path) -> None:
+    from safetensors import safe_open
+
+    path = folder / EMA_FILE
+    if not path.is_file():
+        raise UserError(f"it holds no {EMA_FILE} although the run keeps an EMA")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["ema"])
+        shadow = [f.get_tensor(f"shadow.{i}") for i in range(len(f.keys()))]
+    ema.load_state_dict({**meta, "shadow_params": shadow})
+
+
+def load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: bool) -> tuple[Path | None, dict]:
+    """Load the newest complete checkpoint that loads; one that does not (truncated, tampered with, written by an
+    older version) is reported in a warning line and the previous one is tried. Returns (folder, loop state)."""
+    found = list_checkpoints(ckpt_dir)
+    first_problem = None
+    for _, path in reversed(found):
+        try:
+            pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+            if pickled:
+                raise UserError(f"it holds a pickled state ({pickled[0]}, as stepdistill 0.1 saved the EMA), which "
+                                "is never loaded because a pickle can run code")
+            state = read_loop_state(path)
+            accelerator.load_state(str(path))
+            if ema is not None:
+                load_ema(ema, path)
+            return path, state
+        except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable, the previous one may serve
+            first_problem = first_problem or (path, first_line(e))
+            if main:
+                print(f"warning: checkpoint '{path}' cannot be loaded ({first_line(e)}); trying the previous one",
+                      file=sys.stderr)
+    if first_problem is not None:
+        path, why = first_problem
+        raise UserError(f"no checkpoint of '{ckpt_dir.parent}' can be loaded (newest, '{path.name}': {why}); pass "
+                        "--overwrite to start the run afresh, or --out another folder")
+    return None, {}

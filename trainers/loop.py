@@ -1,5 +1,8 @@
 """The one training loop: every method trains through :func:`train`.
 
+What to do with the run folder is decided in :mod:`.run_folder`, what a checkpoint holds in :mod:`.checkpoint`,
+batches and seeds come from :mod:`.data_stream`; this module is the step loop around them.
+
 The loop owns everything a :class:`~stepdistill.trainers.base.Method` must not: the accelerator (devices, DDP/FSDP,
 mixed precision), one AdamW + LR schedule per phase, gradient accumulation, clipping, the EMA, exact resume from
 atomic checkpoints, logging (accelerate trackers + ``logs.jsonl``), the progress bar, sample grids and the export.
@@ -23,23 +26,19 @@ its own noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 from stepdistill.config import (
@@ -47,7 +46,6 @@ from stepdistill.config import (
     RunConfig,
     check_optim_phases,
     check_values,
-    load_config,
     resolve_launch_settings,
     save_config,
     to_dict,
@@ -59,217 +57,11 @@ from stepdistill.utils import replace_dir, save_grid
 from . import checkpoint as ckpt
 from . import get_method
 from .base import Method, Phase
+from .data_stream import STEP_STREAM, SeededItems, ShardedInfiniteBatchSampler, derive_seed, seed_everything, to_device
+from .run_folder import CHANGES_FILE, flatten, plan_out_dir, shown, truncate_logs, write_log_line
 
 # Samples in the periodic grid (8 x 8).
 SAMPLE_GRID_SIZE = 64
-# Config keys that may change between a run and its resumption: they change no value training computes.
-# sample_timesteps only changes what the export records (older run folders do not have the key at all); the
-# bookkeeping keys change when files are written, and writing a sample grid or a log line draws no training
-# randomness (the RNGs are reseeded before every micro-batch).
-RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.log_every", "train.sample_every", "data.prompt_cache_mb",
-                     "train.gradient_checkpointing"}
-# A run may also continue as a new training stage (``--allow-changes``) with new learning rates (optim.PHASE.lr,
-# applied to the restored LR schedulers) and new values of the keys its method lists in ``Method.stage_changes``
-# (loss weights, noise ranges): no checkpointed tensor depends on them. The changes are appended to the run's
-# config_changes.jsonl.
-CHANGES_FILE = "config_changes.jsonl"
-
-
-# --- seeds and data ----------------------------------------------------------------------------------------------
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of ``keys`` (non-negative ints), well mixed by numpy's SeedSequence."""
-    lo, hi = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int((int(hi) << 32 | int(lo)) & ((1 << 63) - 1))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), numpy and python's global RNGs."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (1 << 32))
-    random.seed(seed)
-
-
-# Domain tags so that step seeds, epoch permutations and item seeds never collide.
-_STEP_STREAM, _EPOCH_STREAM, _ITEM_STREAM = 0, 1, 2
-
-
-class ShardedInfiniteBatchSampler(Sampler):
-    """Endless per-rank batches of ``(index, item_seed)``, restartable at any batch position.
-
-    Epoch ``e`` is ``randperm(n)`` drawn from a generator seeded with ``(seed, e)``; rank ``r`` takes
-    ``perm[r::world_size]`` (cut to ``n // world_size`` so that all ranks have equally long epochs). Batches are
-    consecutive chunks of that endless stream, so batch ``k`` of a rank is known without replaying batches
-    ``0..k-1``. Each item carries a seed derived from ``(seed, rank, k, j)`` that the dataset wrapper uses for its
-    random augmentations, which makes them independent of worker processes and resume points.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int, world_size: int, start: int = 0):
-        if num_items < 1:
-            raise ValueError("cannot sample from an empty dataset")
-        self.n, self.batch_size, self.seed = num_items, batch_size, seed
-        self.rank, self.world_size, self.start = rank, world_size, start
-
-    def _epoch(self, e: int) -> list[int]:
-        g = torch.Generator().manual_seed(derive_seed(_EPOCH_STREAM, self.seed, e))
-        perm = torch.randperm(self.n, generator=g).tolist()
-        if self.n < self.world_size:  # fewer items than ranks: each rank cycles through one item per epoch
-            return [perm[self.rank % self.n]]
-        return perm[self.rank :: self.world_size][: self.n // self.world_size]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_epoch = len(self._epoch(0))
-        pos = self.start * self.batch_size
-        epoch, offset = divmod(pos, per_epoch)
-        order = self._epoch(epoch)
-        k = self.start
-        while True:
-            batch = []
-            while len(batch) < self.batch_size:
-                if offset == per_epoch:
-                    epoch, offset = epoch + 1, 0
-                    order = self._epoch(epoch)
-                batch.append(order[offset])
-                offset += 1
-            yield [(i, derive_seed(_ITEM_STREAM, self.seed, self.rank, k, j)) for j, i in enumerate(batch)]
-            k += 1
-
-    def __len__(self) -> int:  # DataLoader asks; the stream is endless
-        return sys.maxsize
-
-
-class _SeededItems(Dataset):
-    """Serves ``dataset[i]`` under a fixed per-item seed so random crops/flips replay exactly on resume."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-# --- configuration checks ----------------------------------------------------------------------------------------
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def _as_saved(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """A config object as flat dotted keys with the value types a saved config.yaml has: round-tripped through
-    YAML (tuples -> lists, ...), so it compares equal to what was saved."""
-    return _flatten(yaml.safe_load(yaml.safe_dump(to_dict(obj), sort_keys=False)), prefix)
-
-
-def _with_method_defaults(cfg: RunConfig, saved: dict) -> dict:
-    """``saved`` (a config.yaml as flat dotted keys) with every key it lacks set to its default: the method's
-    method_args and the run-level data / train keys.
-
-    A run saved before a key existed resumes with that key's default, so a new key's default must reproduce the
-    behaviour from before the key was added (as DMD2's ``timestep_sampling: uniform`` does).
-    """
-    run_defaults = {k: v for k, v in _as_saved(RunConfig()).items() if k.startswith(("data.", "train."))}
-    return {**run_defaults, **_as_saved(get_method(cfg.method).Config(), "method_args"), **_flatten(saved)}
-
-
-def _config_diff(cfg: RunConfig, old: dict) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) of the keys that differ, ignoring :data:`RESUMABLE_CHANGES`; ``old`` is the
-    saved config as :func:`_with_method_defaults` returns it."""
-    new = _as_saved(cfg)
-    # A phase without an optim section trains with OptimConfig's defaults: compare them, not "<unset>".
-    optim_defaults = to_dict(OptimConfig())
-
-    def value(d: dict, k: str) -> Any:
-        parts = k.split(".")
-        if k not in d and len(parts) == 3 and parts[0] == "optim" and parts[2] in optim_defaults:
-            return optim_defaults[parts[2]]
-        return d.get(k, "<unset>")
-
-    return [
-        (k, value(old, k), value(new, k))
-        for k in sorted(set(new) | set(old))
-        if k not in RESUMABLE_CHANGES and value(old, k) != value(new, k)
-    ]
-
-
-def _shown(diff: list[tuple[str, Any, Any]]) -> str:
-    text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:3])
-    return text + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
-
-
-def _stage_changeable(cfg: RunConfig, key: str) -> bool:
-    """Whether ``key`` may take a new value when the run continues as a new stage (``--allow-changes``)."""
-    parts = key.split(".")
-    if len(parts) == 3 and parts[0] == "optim" and parts[2] == "lr":
-        return True
-    return len(parts) == 2 and parts[0] == "method_args" and parts[1] in get_method(cfg.method).stage_changes
-
-
-def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
-                  allow_changes: bool = False) -> tuple[str, list[tuple[str, Any, Any]]]:
-    """Decide (read-only) what to do with ``out``: "fresh", "resume" or "overwrite", and the config changes a
-    resumed run continues with (only with ``allow_changes``); raise UserError on a conflict."""
-    try:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"output path '{out}' is a file, not a folder")
-        _check_writable(out)
-        if not out.exists() or not any(out.iterdir()):
-            return "fresh", []
-    except PermissionError as e:
-        raise UserError(f"output folder '{out}' cannot be reached ({e.strerror}); choose another --out or fix the "
-                        "permissions of its parent folders") from None
-    if overwrite:
-        return "overwrite", []
-    cfg_file = out / "config.yaml"
-    if not resume:
-        raise UserError(f"output folder '{out}' already exists; pass --overwrite to replace it or --resume to "
-                        "continue the run in it")
-    if not cfg_file.is_file():
-        raise UserError(f"output folder '{out}' already exists and holds no stepdistill run (no config.yaml); pass "
-                        "--overwrite to replace it or choose another output folder")
-    try:
-        saved = yaml.safe_load(cfg_file.read_text()) or {}
-    except yaml.YAMLError:
-        saved = {"<unreadable>": True}
-    saved = _with_method_defaults(cfg, saved)
-    diff = _config_diff(cfg, saved)
-    if not diff:
-        return "resume", []
-    if not ckpt.list_checkpoints(out / "checkpoints") and not (out / "pipeline").exists():
-        # A start that failed before its first checkpoint (a bad value, a diverged loss): nothing trained is lost,
-        # so the corrected rerun replaces it instead of being refused as a different run.
-        return "restart", diff
-    fixed = [d for d in diff if not _stage_changeable(cfg, d[0])]
-    if fixed:
-        raise UserError(f"output folder '{out}' holds a run with a different config ({_shown(fixed)}); cannot "
-                        "--resume it: pass --overwrite to replace it or choose another output folder")
-    if not allow_changes:
-        raise UserError(f"output folder '{out}' holds a run with a different config ({_shown(diff)}); pass "
-                        "--allow-changes to continue it with the new values from its last checkpoint, --overwrite "
-                        "to replace it, or choose another output folder")
-    get_method(cfg.method).check_stage_change(saved, cfg)
-    return "resume", diff
-
-
 def _ema_phase(phases: list[Phase], ema_params: list[torch.nn.Parameter]) -> str:
     """The phase that trains the EMA network (all its trainable parameters are that phase's)."""
     trained = {id(p) for p in ema_params if p.requires_grad}
@@ -306,21 +98,6 @@ def _accelerate_launch_processes() -> int | None:
         if value is not None:
             return int(value) if value.isdigit() else None
     return None
-
-
-def _check_writable(out: Path) -> None:
-    """A UserError unless ``out`` (or the folder it would be created in) accepts new files; probed by creating and
-    removing an empty folder, since permission bits do not tell (root, read-only mounts)."""
-    import tempfile
-
-    base = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    if not base.is_dir():
-        raise UserError(f"cannot create output folder '{out}': '{base}' is a file")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".stepdistill-probe-", dir=base))
-    except OSError as e:
-        raise UserError(f"output folder '{out}' cannot be written ({e.strerror} in '{base}'); choose another --out "
-                        "or make it writable") from None
 
 
 def _apply_config_lrs(optim_cfgs: list[OptimConfig], schedulers: list) -> None:
@@ -372,20 +149,6 @@ def _make_scheduler(oc: OptimConfig, phase: Phase, optimizer: torch.optim.Optimi
 
 
 # --- outputs -----------------------------------------------------------------------------------------------------
-def _truncate_logs(path: Path, last_step: int) -> None:
-    """Drop log lines past ``last_step`` (written after the checkpoint a resumed run restarts from)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by a kill
-    ckpt.write_text_atomic(path, "".join(s + "\n" for s in keep))
-
-
 class _EMASwap:
     """Context manager that swaps the EMA weights into ``params`` and restores the trained ones afterwards."""
 
@@ -427,97 +190,6 @@ def _stop_if_not_finite(accelerator: Any, loss: torch.Tensor, phase: str, step: 
                  "--allow-changes to continue from it" if resume_point[0] else "no checkpoint was written")
         raise UserError(f"the {phase} loss is {float(loss.detach())} at step {step + 1}: training diverged, nothing "
                         f"was exported; {where}")
-
-
-def _write_log_line(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-# --- checkpoint contents -----------------------------------------------------------------------------------------
-EMA_FILE = "ema.safetensors"
-
-
-def _unwrapped_name(key: str) -> str:
-    """A parameter name as the unwrapped method has it (DDP prefixes ``module.``)."""
-    return key[len("module."):] if key.startswith("module.") else key
-
-
-def _keep_trained(weights: list[dict], frozen: set[str]) -> None:
-    """accelerate save hook: the state dicts to save, renamed to unwrapped names and without frozen parameters."""
-    for w in weights:
-        kept = {_unwrapped_name(k): v for k, v in w.items() if _unwrapped_name(k) not in frozen}
-        w.clear()
-        w.update(kept)
-
-
-def _load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set[str]) -> None:
-    """accelerate load hook: load ``model.safetensors`` into the unwrapped method by its own names, check that every
-    trained tensor is there, and take the model off accelerate's list (it would load by the wrapped names)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        raise UserError(f"'{path}' is missing")
-    state = {_unwrapped_name(k): v for k, v in load_file(str(path)).items()}
-    expected = method.state_dict()
-    missing = [k for k in expected if k not in state and k not in frozen]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise UserError(f"its weights do not fit this method (missing {', '.join(missing[:3]) or 'none'}; "
-                        f"unexpected {', '.join(unexpected[:3]) or 'none'})")
-    method.load_state_dict(state, strict=False)
-    models.clear()
-
-
-def _save_ema(ema: Any, folder: Path) -> None:
-    """The EMA's shadow weights as safetensors, its counters as JSON metadata of the same file."""
-    from safetensors.torch import save_file
-
-    state = ema.state_dict()
-    shadow = state.pop("shadow_params")
-    save_file({f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, str(folder / EMA_FILE),
-              metadata={"ema": json.dumps(state)})
-
-
-def _load_ema(ema: Any, folder: Path) -> None:
-    from safetensors import safe_open
-
-    path = folder / EMA_FILE
-    if not path.is_file():
-        raise UserError(f"it holds no {EMA_FILE} although the run keeps an EMA")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["ema"])
-        shadow = [f.get_tensor(f"shadow.{i}") for i in range(len(f.keys()))]
-    ema.load_state_dict({**meta, "shadow_params": shadow})
-
-
-def _load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: bool) -> tuple[Path | None, dict]:
-    """Load the newest complete checkpoint that loads; one that does not (truncated, tampered with, written by an
-    older version) is reported in a warning line and the previous one is tried. Returns (folder, loop state)."""
-    found = ckpt.list_checkpoints(ckpt_dir)
-    first_problem = None
-    for _, path in reversed(found):
-        try:
-            pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
-            if pickled:
-                raise UserError(f"it holds a pickled state ({pickled[0]}, as stepdistill 0.1 saved the EMA), which "
-                                "is never loaded because a pickle can run code")
-            state = ckpt.read_loop_state(path)
-            accelerator.load_state(str(path))
-            if ema is not None:
-                _load_ema(ema, path)
-            return path, state
-        except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable, the previous one may serve
-            first_problem = first_problem or (path, first_line(e))
-            if main:
-                print(f"warning: checkpoint '{path}' cannot be loaded ({first_line(e)}); trying the previous one",
-                      file=sys.stderr)
-    if first_problem is not None:
-        path, why = first_problem
-        raise UserError(f"no checkpoint of '{ckpt_dir.parent}' can be loaded (newest, '{path.name}': {why}); pass "
-                        "--overwrite to start the run afresh, or --out another folder")
-    return None, {}
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -638,7 +310,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     if main:
         if mode == "restart":
             print(f"replacing the run in '{out}', which stopped before its first checkpoint, by this one "
-                  f"({_shown(changes)})", file=sys.stderr)
+                  f"({shown(changes)})", file=sys.stderr)
         if mode in ("overwrite", "restart"):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -665,8 +337,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     # every parameter and load by the names of the wrapped (DDP) model. FSDP/DeepSpeed keep accelerate's format.
     frozen = {n for n, p in method.named_parameters(remove_duplicate=False) if not p.requires_grad}
     if accelerator.distributed_type.value not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        accelerator.register_save_state_pre_hook(lambda models, weights, _: _keep_trained(weights, frozen))
-        accelerator.register_load_state_pre_hook(lambda models, folder: _load_trained(method, models, folder, frozen))
+        accelerator.register_save_state_pre_hook(lambda models, weights, _: ckpt.keep_trained(weights, frozen))
+        accelerator.register_load_state_pre_hook(
+            lambda models, folder: ckpt.load_trained(method, models, folder, frozen))
 
     # The EMA is saved by the loop as safetensors (ema.safetensors), not registered with accelerate, which would
     # pickle it and load the pickle with weights_only=False: a copied run folder could then run code on resume.
@@ -686,7 +359,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     start, consumed = 0, 0
     resume_from = None
     if mode == "resume":
-        resume_from, state = _load_newest_checkpoint(accelerator, ckpt_dir, ema, main)
+        resume_from, state = ckpt.load_newest_checkpoint(accelerator, ckpt_dir, ema, main)
     if resume_from is not None:
         if state.get("world_size", world) != world and main:
             print(f"warning: resuming a {state['world_size']}-process run on {world} processes; the data order "
@@ -698,11 +371,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
             print(f"resuming from {resume_from} (step {start})", file=sys.stderr)
         _apply_config_lrs(optim_cfgs, schedulers)
     if main and mode == "resume":
-        _truncate_logs(log_file, start)
+        truncate_logs(log_file, start)
         # Only now (the checkpoint loaded): config.yaml takes the new values of a new stage.
         save_config(cfg, out / "config.yaml")
     if main and changes and resume_from is not None:  # without a checkpoint the run simply starts afresh
-        print(f"continuing at step {start} with changed settings: {_shown(changes)}", file=sys.stderr)
+        print(f"continuing at step {start} with changed settings: {shown(changes)}", file=sys.stderr)
         record = {"step": start, "changes": {k: {"from": a, "to": b} for k, a, b in changes}}
         with open(out / CHANGES_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -710,7 +383,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     sampler = ShardedInfiniteBatchSampler(len(dataset), dc.batch_size, cfg.seed, rank, world, start=consumed)
     loader = DataLoader(
-        _SeededItems(dataset),
+        SeededItems(dataset),
         batch_sampler=sampler,
         num_workers=dc.num_workers,
         collate_fn=default_collate,
@@ -721,7 +394,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     if log_with is not None:
         # TensorBoard's hparams accept scalars and strings only.
-        flat = _flatten(to_dict(cfg))
+        flat = flatten(to_dict(cfg))
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
         accelerator.init_trackers("tensorboard", config=hparams)
 
@@ -735,7 +408,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     def checkpoint(step: int) -> None:
         state = {"step": step, "batches_consumed": consumed, "world_size": world, "phases": [p.name for p in phases]}
-        extra = (lambda folder: _save_ema(ema, folder)) if ema is not None else None
+        extra = (lambda folder: ckpt.save_ema(ema, folder)) if ema is not None else None
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, state, tc.keep_checkpoints, write_extra=extra)
         resume_point[0] = step
 
@@ -749,9 +422,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
             if step % phase.every:
                 continue
             for mi in range(ga):
-                batch = _to_device(next(batches), accelerator.device)
+                batch = to_device(next(batches), accelerator.device)
                 consumed += 1
-                seed_everything(derive_seed(_STEP_STREAM, cfg.seed, rank, step, pi, mi))
+                seed_everything(derive_seed(STEP_STREAM, cfg.seed, rank, step, pi, mi))
                 # Gradients are all-reduced only on the last micro-batch of the update.
                 with accelerator.no_sync(model) if mi < ga - 1 else nullcontext():
                     loss, logs = model(phase.name, batch, step)
@@ -790,7 +463,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
             t_log, consumed_at_log = now, consumed
             meters = {p.name: _Meter() for p in phases}
             if main:
-                _write_log_line(log_file, row)
+                write_log_line(log_file, row)
                 bar.set_postfix({k[: -len("/loss")]: f"{v:.4g}" for k, v in row.items() if k.endswith("/loss")})
             if log_with is not None:
                 accelerator.log({k: v for k, v in row.items() if k != "step"}, step=done)
@@ -814,24 +487,3 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stepdistill.trainers.loop [--config X] --out Y [key=value ...]``: train and return an exit code."""
-    parser = argparse.ArgumentParser(prog="python -m stepdistill.trainers.loop", description=main.__doc__)
-    parser.add_argument("--config", default=None, help="YAML config (defaults + overrides if omitted)")
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--no-resume", dest="resume", action="store_false", help="never resume a run in --out")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--allow-changes", action="store_true", help="resume with new learning rates / loss weights")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,9 +33,12 @@ class TeacherConfig:
     num_classes: int = 10
     # Probability of replacing a label by the null class during training (enables CFG).
     cond_drop_prob: float = 0.1
-    # Noise schedule written into the exported scheduler config.
+    # Number of training timesteps T of the noise schedule written into the exported scheduler config.
     num_train_timesteps: int = 1000
+    # DDPM beta schedule (unused by flow_prediction).
     beta_schedule: str = "squaredcos_cap_v2"
+    # What the network predicts: "epsilon", "v_prediction", "sample", or "flow_prediction" (a rectified-flow teacher,
+    # x_t = (1 - s) x0 + s eps at t = s T, sampled by FlowMatchEulerDiscreteScheduler).
     prediction_type: str = "v_prediction"
     # Sampler used for sample grids and recorded as the exported pipeline's default.
     sample_steps: int = 50
@@ -54,9 +57,9 @@ class TeacherMethod(Method):
         from diffusers import DDIMScheduler, UNet2DModel
 
         c: TeacherConfig = self.cfg
-        if c.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if c.prediction_type not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
             raise ConfigError(f"method_args.prediction_type '{c.prediction_type}' is not one of epsilon, "
-                              "v_prediction, sample")
+                              "v_prediction, sample, flow_prediction")
         if not 0 <= c.cond_drop_prob < 1:
             raise ConfigError("method_args.cond_drop_prob must be in [0, 1)")
         if len(c.down_block_types) != len(c.block_out_channels) or len(c.up_block_types) != len(c.block_out_channels):
@@ -68,11 +71,17 @@ class TeacherMethod(Method):
             attention_head_dim=c.attention_head_dim, norm_num_groups=c.norm_num_groups,
             num_class_embeds=c.num_classes + 1 if c.num_classes > 0 else None,
         )
-        self.scheduler = DDIMScheduler(
-            num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
-            prediction_type=c.prediction_type, clip_sample=False, set_alpha_to_one=True,
-            timestep_spacing="trailing",
-        )
+        if c.prediction_type == "flow_prediction":
+            # Rectified flow x_t = (1 - s) x0 + s eps, the network predicting eps - x0 at t = s T; sampled by Euler.
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=1.0)
+        else:
+            self.scheduler = DDIMScheduler(
+                num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                prediction_type=c.prediction_type, clip_sample=False, set_alpha_to_one=True,
+                timestep_spacing="trailing",
+            )
         # The network is registered once, inside the denoiser (a second attribute would duplicate it in
         # checkpoints as shared tensors).
         self.denoiser = Denoiser(unet, self.scheduler)
@@ -94,8 +103,12 @@ class TeacherMethod(Method):
         cond = Cond()
         if self.classes is not None:
             cond = self.classes.cond(self.classes.drop(batch["label"], self.cfg.cond_drop_prob))
-        # 2. Uniform integer timesteps and Gaussian noise; forward process.
-        t = torch.randint(0, self.denoiser.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        # 2. Uniform timesteps (integers in [0, T); flow: continuous in (0, T]) and Gaussian noise; forward process.
+        T = self.denoiser.num_train_timesteps
+        if self.denoiser.is_flow:
+            t = (1 - torch.rand(x0.shape[0], device=x0.device)) * T
+        else:
+            t = torch.randint(0, T, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = self.denoiser.add_noise(x0, eps, t)
         # 3. Regress the network's own prediction type (eps, v or x0) with plain MSE.

@@ -11,7 +11,7 @@ from .class_conditional import ClassConditionalPipeline, numpy_to_uint8
 
 ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
 # Aliases for pipelines shipped inside the package.
-ALIASES = {"digits16": "digits16_teacher"}
+ALIASES = {"digits16": "digits16_teacher", "digits16-flow": "digits16_flow_teacher"}
 OUR_PIPELINES = {"ClassConditionalPipeline": ClassConditionalPipeline}
 
 __all__ = ["ClassConditionalPipeline", "accepts_timesteps", "load_pipeline", "numpy_to_uint8", "recorded_timesteps",

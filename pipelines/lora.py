@@ -69,7 +69,7 @@ def check_base(pipe, path: str | Path) -> None:
     if info and info.get("pipeline") and info["pipeline"] != type(pipe).__name__:
         raise UserError(f"the LoRA '{path}' was trained on a {info['pipeline']} ('{info.get('base')}'); it cannot be "
                         f"loaded into a {type(pipe).__name__}")
-    unet = pipe.unet
+    unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if info and info.get("fingerprint") and base_fingerprint(unet) != info["fingerprint"]:
         warnings.warn(f"the LoRA '{path}' was trained on '{info.get('base')}' (fingerprint {info['fingerprint']}); "
                       "this pipeline's network has other weights, so its outputs are not the trained student's",
@@ -85,7 +85,7 @@ def _lora_file(path: str | Path) -> Path:
 
 
 def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, base: str | None = None,
-              base_pipeline: str | None = None) -> Path:
+              base_pipeline: str | None = None, fingerprint: str | None = None) -> Path:
     """Write the LoRA adapters of ``unet`` to ``out_dir/pytorch_lora_weights.safetensors``.
 
     Args:
@@ -95,6 +95,8 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, bas
         text: True for SD-type pipelines (diffusers' format), False for ``ClassConditionalPipeline`` (ours).
         base: the base pipeline the adapters belong on (hub id or path); recorded with the base network's
             fingerprint and ``base_pipeline`` (its pipeline class) in the file's metadata (``stepdistill_base``).
+        fingerprint: the base network's :func:`base_fingerprint`, taken before its weights were cast for training
+            (``train.teacher_dtype``); computed from ``unet`` if not given.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
@@ -123,7 +125,7 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, bas
         path = out_dir / LORA_FILE
         with safe_open(str(path), framework="pt") as h:
             tensors, metadata = {k: h.get_tensor(k) for k in h.keys()}, dict(h.metadata() or {})
-        metadata[BASE_KEY] = json.dumps({"base": base, "fingerprint": base_fingerprint(unet),
+        metadata[BASE_KEY] = json.dumps({"base": base, "fingerprint": fingerprint or base_fingerprint(unet),
                                          "pipeline": base_pipeline})
         save_file(tensors, str(path), metadata=metadata)
     return out_dir / LORA_FILE
@@ -174,7 +176,9 @@ def load_lora(pipe, path: str | Path, fuse: bool = True):
     """
     state, meta = _read(path)
     check_base(pipe, path)
-    unet = pipe.unet
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise UserError(f"{type(pipe).__name__} has no UNet: stepdistill LoRA exports are for UNet pipelines")
     if not hasattr(pipe, "load_lora_weights") or type(pipe).__name__ == "ClassConditionalPipeline":
         if meta is None:
             raise UserError(f"'{_lora_file(path)}' is not a class-conditional stepdistill LoRA (no '{META_KEY}' "

@@ -135,7 +135,9 @@ class PromptCache:
         if missing:
             cond, uncond = self.encode(missing)
             for i, p in enumerate(missing):
-                found[p] = (cond.index(slice(i, i + 1)).to("cpu"), uncond.index(slice(i, i + 1)).to("cpu"))
+                # clone: a CPU view would keep the whole encoded batch alive beyond the byte bound.
+                found[p] = (cond.index(slice(i, i + 1)).to("cpu")._map(torch.clone),
+                            uncond.index(slice(i, i + 1)).to("cpu")._map(torch.clone))
         rows = [found.get(p) or self.entries[p] for p in prompts]
         for p, entry in found.items():
             self.entries[p] = entry

@@ -171,9 +171,18 @@ class LatentUNetFamily(Family):
         """One posterior sample of the VAE, shifted and scaled as the pipeline's decode expects (SD3/Flux-type VAEs
         have a ``shift_factor``; SD/SDXL's is absent, i.e. 0)."""
         vae = self.pipe.vae
-        z = vae.encode(images.to(device=next(vae.parameters()).device, dtype=vae.dtype)).latent_dist.sample()
+        # float16 VAEs that overflow (SDXL's, force_upcast) encode in float32, as diffusers' own pipelines do.
+        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+        dtype = vae.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            z = vae.encode(images.to(device=next(vae.parameters()).device, dtype=vae.dtype)).latent_dist.sample()
+        finally:
+            if upcast:
+                vae.to(dtype)
         shift = vae.config.get("shift_factor") or 0.0
-        return (z - shift) * vae.config.scaling_factor
+        return ((z - shift) * vae.config.scaling_factor).float()
 
     def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
         side = resolution // self.pipe.vae_scale_factor

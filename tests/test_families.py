@@ -362,3 +362,20 @@ def test_flux_guidance_is_one_pass_with_the_scale_as_input(flux_dir):
         plain = den(x, t, cond, "x0")
     assert calls == [[5.0, 5.0], [3.5, 3.5]]  # one pass each: w as the input, else the pipeline's default
     assert not torch.allclose(guided, plain)
+
+
+def test_lora_export_of_a_bf16_run_records_the_full_precision_base(sdxl_dir, captioned, tmp_path):
+    """The fingerprint is the base as published (taken before the frozen weights are cast), so the correct base
+    loads without a mismatch warning."""
+    import warnings
+
+    from stepdistill.pipelines.lora import BaseMismatchWarning, base_fingerprint, lora_base
+
+    cfg = load_config("digits16_lcm_lora", _overrides(sdxl_dir, captioned, "method_args.lora_rank=2",
+                                                      "train.teacher_dtype=bfloat16"))
+    method = get_method("consistency")(cfg)
+    method.export(tmp_path / "lora")
+    assert lora_base(tmp_path / "lora")["fingerprint"] == base_fingerprint(load_pipeline(sdxl_dir).unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatchWarning)
+        load_pipeline(str(tmp_path / "lora"))

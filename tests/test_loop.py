@@ -540,3 +540,21 @@ def test_replace_dir_never_leaves_a_half_written_folder(tmp_path):
     names = []
     replace_dir(final, lambda d: names.append(d.name))
     assert names == ["pipeline"]
+
+
+def test_failed_start_with_foreign_files_is_not_replaced(tmp_path):
+    """A folder that holds anything besides a run's own files is never replaced without --overwrite."""
+    import _toy_method
+
+    run = tmp_path / "run"
+    orig = _toy_method.ToyMethod.loss
+    _toy_method.ToyMethod.loss = lambda self, phase, batch, step: (torch.tensor(float("nan")), {})
+    try:
+        with pytest.raises(UserError, match="diverged"):
+            train(_cfg(["optim.critic.lr=0.5"]), run)
+    finally:
+        _toy_method.ToyMethod.loss = orig
+    (run / "slurm-123.out").write_text("the user's log")
+    with pytest.raises(UserError, match="holds a run with a different config"):
+        train(_cfg(["train.max_steps=6"]), run)
+    assert (run / "slurm-123.out").read_text() == "the user's log" and (run / "config.yaml").is_file()

@@ -183,7 +183,9 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dic
         os.rename(tmp, final)
         _fsync_dir(ckpt_dir)
         write_text_atomic(ckpt_dir / LATEST, name + "\n")
-        for _, old in list_checkpoints(ckpt_dir)[: -max(1, keep)]:
+        # Only checkpoints up to this step count: newer ones that could not be loaded (the run fell back past them)
+        # are left for inspection, and must not push the loadable ones out.
+        for _, old in [c for c in list_checkpoints(ckpt_dir) if c[0] <= step][: -max(1, keep)]:
             _delete(old)
     accelerator.wait_for_everyone()
     return final
@@ -253,6 +255,7 @@ def load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: boo
     found = list_checkpoints(ckpt_dir)
     first_problem = None
     for _, path in reversed(found):
+        problem = None
         try:
             pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
             if pickled:
@@ -262,12 +265,20 @@ def load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: boo
             accelerator.load_state(str(path))
             if ema is not None:
                 load_ema(ema, path)
-            return path, state
+        except (MemoryError, PermissionError, torch.OutOfMemoryError):
+            raise  # a problem of this machine, not of the checkpoint: never skip a good checkpoint for it
         except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable, the previous one may serve
-            first_problem = first_problem or (path, first_line(e))
-            if main:
-                print(f"warning: checkpoint '{path}' cannot be loaded ({first_line(e)}); trying the previous one",
-                      file=sys.stderr)
+            problem = first_line(e)
+        # Every process moves on together: if any could not load this checkpoint, all try the previous one (a
+        # process resuming from other weights than the rest would silently average mismatched gradients).
+        failed = torch.tensor([1.0 if problem else 0.0], device=accelerator.device)
+        if float(accelerator.reduce(failed, reduction="sum")) == 0:
+            return path, state
+        problem = problem or "another process could not load it"
+        first_problem = first_problem or (path, problem)
+        if main:
+            print(f"warning: checkpoint '{path}' cannot be loaded ({problem}); trying the previous one",
+                  file=sys.stderr)
     if first_problem is not None:
         path, why = first_problem
         raise UserError(f"no checkpoint of '{ckpt_dir.parent}' can be loaded (newest, '{path.name}': {why}); pass "

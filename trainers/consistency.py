@@ -72,6 +72,7 @@ from stepdistill.conditioning import ClassConditioning, Cond, sample_guidance_sc
 from stepdistill.data import to_uint8
 from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
+from stepdistill.pipelines.lora import base_fingerprint
 
 from .base import Method, Phase
 from .common import (
@@ -273,6 +274,8 @@ class ConsistencyMethod(Method):
             self.student = self.family.denoiser(net.requires_grad_(True))
             # The EMA target as buffers: checkpointed (frozen parameters are not) and never trained.
             self.target = self.family.denoiser(params_to_buffers(copy.deepcopy(net)))
+        # The base weights' fingerprint a LoRA export records, taken before they are cast to train.teacher_dtype.
+        self.base_fingerprint = base_fingerprint(unet) if self.lora else None
         # The frozen teacher (and VAE, text encoders) in train.teacher_dtype, now that the trainable copies exist.
         cast_frozen(teacher, self.family, run_config.train.teacher_dtype)
         # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.
@@ -548,7 +551,7 @@ class ConsistencyMethod(Method):
             pipe.scheduler.save_pretrained(str(out_dir / "scheduler"))
         if self.lora:
             save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None, base=self.lora_base(),
-                      base_pipeline=type(self.family.pipe).__name__)
+                      base_pipeline=type(self.family.pipe).__name__, fingerprint=self.base_fingerprint)
         (out_dir / "README.md").write_text(self._model_card(out_dir))
 
     def lora_base(self) -> str:

@@ -311,8 +311,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         if mode == "restart":
             print(f"replacing the run in '{out}', which stopped before its first checkpoint, by this one "
                   f"({shown(changes)})", file=sys.stderr)
-        if mode in ("overwrite", "restart"):
+        if mode == "overwrite":
             shutil.rmtree(out)
+        elif mode == "restart":  # only the failed start's own files (plan_out_dir checked there is nothing else)
+            for p in out.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
         if mode == "resume":
             ckpt.remove_partial(ckpt_dir)

@@ -28,6 +28,9 @@ RESUMABLE_CHANGES = {"train.max_steps", "method_args.sample_timesteps", "train.c
 # (loss weights, noise ranges): no checkpointed tensor depends on them. The changes are appended to the run's
 # config_changes.jsonl.
 CHANGES_FILE = "config_changes.jsonl"
+# What a run writes into its folder: all a failed start may hold for its rerun to replace it.
+RUN_ENTRIES = {"config.yaml", CHANGES_FILE, "logs.jsonl", "checkpoints", "samples", "tensorboard"}
+PROBE_PREFIX = ".stepdistill-probe-"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -97,8 +100,8 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
         if out.exists() and not out.is_dir():
             raise UserError(f"output path '{out}' is a file, not a folder")
         _check_writable(out)
-        if not out.exists() or not any(out.iterdir()):
-            return "fresh", []
+        if not out.exists() or not any(not p.name.startswith(PROBE_PREFIX) for p in out.iterdir()):
+            return "fresh", []  # (another process's writability probe does not make a folder non-empty)
     except PermissionError as e:
         raise UserError(f"output folder '{out}' cannot be reached ({e.strerror}); choose another --out or fix the "
                         "permissions of its parent folders") from None
@@ -119,9 +122,10 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
     diff = _config_diff(cfg, saved)
     if not diff:
         return "resume", []
-    if not ckpt.list_checkpoints(out / "checkpoints") and not (out / "pipeline").exists():
+    if not ckpt.list_checkpoints(out / "checkpoints") and {p.name for p in out.iterdir()} <= RUN_ENTRIES:
         # A start that failed before its first checkpoint (a bad value, a diverged loss): nothing trained is lost,
-        # so the corrected rerun replaces it instead of being refused as a different run.
+        # so the corrected rerun replaces it instead of being refused as a different run. Only a folder holding
+        # nothing but a run's own files (no export, nothing of the user's) is replaced without --overwrite.
         return "restart", diff
     fixed = [d for d in diff if not _stage_changeable(cfg, d[0])]
     if fixed:
@@ -144,7 +148,7 @@ def _check_writable(out: Path) -> None:
     if not base.is_dir():
         raise UserError(f"cannot create output folder '{out}': '{base}' is a file")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".stepdistill-probe-", dir=base))
+        os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=base))
     except OSError as e:
         raise UserError(f"output folder '{out}' cannot be written ({e.strerror} in '{base}'); choose another --out "
                         "or make it writable") from None

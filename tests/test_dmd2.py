@@ -456,3 +456,24 @@ def test_regression_warmup_targets_the_teacher_ode(teacher_dir):
     torch.testing.assert_close(got.clamp(-1, 1), want, atol=1e-4, rtol=1e-4)
     loss, logs = method.loss("student", digits_batch(), 0)
     assert logs["regression_loss"] > 0 and torch.isfinite(loss)
+
+
+def test_shipped_flow_teacher_distils_and_exports_its_sampler(tmp_path):
+    """DMD2 of the shipped digits16 flow-matching teacher: a short run trains, and the export (our class pipeline
+    with an unshifted flow scheduler, 1 step from t = 1000) samples exactly the student's own x0 for the same noise."""
+    cfg = load_config("digits16_flow_dmd2", ["train.max_steps=2", "data.batch_size=8", "train.tracker=none",
+                                             "train.checkpoint_every=0", "train.sample_every=0"])
+    run = train(cfg, tmp_path / "run")
+    pipe = load_pipeline(str(run / "pipeline"))
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.scheduler.config.student_timesteps == [1000]
+    method = get_method("dmd2")(cfg)
+    assert method.teacher.is_flow
+    method.student.model.load_state_dict(pipe.unet.state_dict())
+    labels = torch.tensor([0, 4, 9])
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    out = pipe(labels, timesteps=[1000], generator=gens, output_type="pt").images
+    x = torch.cat([torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(100 + i)) for i in range(3)])
+    with torch.no_grad():
+        x0 = method.generate(method.classes.cond(labels), 3, steps=0, noise=x)
+    torch.testing.assert_close(out, x0.clamp(-1, 1), atol=1e-5, rtol=1e-5)

@@ -10,17 +10,25 @@ import torch
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def tiny_clip(*classes):
+    """The fixture's tiny CLIP tokenizer and one tiny CLIP text encoder (width 16, projection 16) per class given
+    (``CLIPTextModel`` or ``CLIPTextModelWithProjection``), created in order after the caller's seed."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                            num_hidden_layers=2, max_position_embeddings=tok.model_max_length,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, projection_dim=16)
+    return (tok, *[cls(config).eval() for cls in classes])
+
+
 def tiny_text_stack():
     """A tiny CLIP tokenizer (fixture), CLIP text model and UNet2DConditionModel (8x8x4 latents), seeded, eval mode."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
-    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                       num_attention_heads=2, num_hidden_layers=2,
-                                       max_position_embeddings=tok.model_max_length,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    tok, enc = tiny_clip(CLIPTextModel)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
@@ -49,15 +57,10 @@ def build_tiny_sdxl(out: str | Path) -> str:
     """Save a tiny random StableDiffusionXLPipeline (16x16 images, 8x8x4 latents): two CLIP text encoders (the second
     with a projection, whose pooled output and the size/crop time ids are the UNet's added conditions)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
-    config = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                  num_hidden_layers=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, projection_dim=16)
-    enc = CLIPTextModel(CLIPTextConfig(**config)).eval()
-    enc_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    tok, enc, enc_2 = tiny_clip(CLIPTextModel, CLIPTextModelWithProjection)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
@@ -83,15 +86,10 @@ def build_tiny_sd3(out: str | Path) -> str:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
-    config = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                  num_hidden_layers=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, projection_dim=16)
-    enc = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
-    enc_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    tok, enc, enc_2 = tiny_clip(CLIPTextModelWithProjection, CLIPTextModelWithProjection)
     # joint_attention_dim = the two CLIP widths summed; pooled_projection_dim = the two projections summed.
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
@@ -128,14 +126,10 @@ def build_tiny_flux(out: str | Path, guidance_embeds: bool = True) -> str:
     """Save a tiny random FluxPipeline (16x16 images, 8x8x4 latents packed into 16 tokens of 16 channels): a CLIP
     encoder (pooled, width 16), a tiny T5 (width 32), a guidance-distilled transformer (as Flux-dev) by default."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny_clip_tokenizer")
-    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                       num_attention_heads=2, num_hidden_layers=2,
-                                       max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-                                       eos_token_id=tok.eos_token_id)).eval()
+    tok, enc = tiny_clip(CLIPTextModel)
     tok_2, enc_2 = tiny_t5()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,

@@ -519,8 +519,8 @@ def test_config_errors(teacher_dir, tmp_path):
     index = json.loads((flow / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
     (flow / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match="flow-matching"):
-        _method(str(flow))
+    # A class-conditional flow-matching teacher is distilled (text-to-image ones are refused: tests/test_families.py).
+    assert _method(str(flow)).teacher.is_flow
 
 
 def _without_base_record(folder: Path) -> Path:
@@ -574,3 +574,26 @@ def test_incompatible_lora_files_are_clear_errors(teacher_dir, sd_dir, tmp_path)
         load_pipeline(teacher_dir).load_lora_weights(str(_without_base_record(tmp_path / "sd")))
     with pytest.raises(UserError, match="no LoRA weights"):
         load_lora(load_pipeline(teacher_dir), tmp_path / "nothing")
+
+
+def test_lcm_of_the_flow_teacher_exports_its_one_step_sampler(tmp_path):
+    """Consistency distillation of the shipped flow-matching digits16 teacher: the loss runs, and the export (an
+    unshifted stochastic FlowMatchEulerDiscreteScheduler) samples G(z, 999) in one step (its boundary scaling
+    c_skip(999) ~ 2.5e-9 is the only difference)."""
+    cfg = load_config("digits16_lcm", ["teacher=digits16-flow", "data.batch_size=8", "train.max_steps=2"])
+    method = get_method("consistency")(cfg)
+    assert method.teacher.is_flow
+    loss, _ = method.loss("student", {"image": torch.rand(4, 1, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 3])},
+                          0)
+    assert torch.isfinite(loss)
+    method.export(tmp_path / "p")
+    pipe = load_pipeline(str(tmp_path / "p"))
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.stochastic_sampling
+    labels = torch.tensor([0, 4, 9])
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    out = pipe(labels, timesteps=[999], generator=gens, output_type="pt").images
+    z = torch.cat([torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(100 + i)) for i in range(3)])
+    with torch.no_grad():
+        cond = method._student_cond(method.classes.cond(labels), torch.full((3,), 2.0))
+        want = method.consistency_fn(method.student, z, torch.full((3,), 999), torch.full((3,), -1), cond)
+    torch.testing.assert_close(out, want.clamp(-1, 1), atol=1e-5, rtol=1e-5)

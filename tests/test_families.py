@@ -249,8 +249,8 @@ def test_flow_teacher_refusals(sd3_dir, captioned, prompts):
     with pytest.raises(ConfigError, match=r"student_timesteps must be non-empty integers in \[1, 1000\] .*flow"):
         get_method("dmd2")(load_config("digits16_dmd2", _overrides(sd3_dir, prompts, *no_gan,
                                                                    "method_args.student_timesteps=[0]")))
-    with pytest.raises(ConfigError, match="consistency distillation of flow-matching teachers .*distill this "
-                                          "teacher with dmd2"):
+    with pytest.raises(ConfigError, match="consistency distillation of text-to-image flow-matching teachers .*"
+                                          "distill this teacher with dmd2"):
         get_method("consistency")(load_config("digits16_lcm", _overrides(sd3_dir, captioned)))
     with pytest.raises(ConfigError, match="mid_block"):
         get_method("dmd2")(load_config("digits16_dmd2", _overrides(sd3_dir, captioned,

@@ -240,10 +240,10 @@ class ConsistencyMethod(Method):
         if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
             raise ConfigError(IMAGES_MSG)
         self.family, teacher = load_teacher(run_config, "consistency distillation")
-        if teacher.is_flow:
-            raise ConfigError(f"consistency distillation of flow-matching teachers ('{run_config.teacher}') is not "
-                              "supported yet (its DDIM solver grid and LCM boundary condition are those of DDPM "
-                              "schedules); distill this teacher with dmd2")
+        if teacher.is_flow and self.family.classes is None:
+            raise ConfigError(f"consistency distillation of text-to-image flow-matching teachers "
+                              f"('{run_config.teacher}') is not supported yet (their stock pipelines sample at "
+                              "sigmas, not at the recorded timesteps); distill this teacher with dmd2")
         unet, scheduler = self.family.network, self.family.pipe.scheduler
         self.scheduler = scheduler
         self.T = teacher.num_train_timesteps
@@ -357,7 +357,7 @@ class ConsistencyMethod(Method):
 
     @property
     def device(self) -> torch.device:
-        return self.student.alphas_cumprod.device
+        return next(self.student.model.parameters()).device
 
     def segments_at(self, step: int) -> int:
         """Segment count S of the progressive schedule at loop step ``step``."""
@@ -481,12 +481,18 @@ class ConsistencyMethod(Method):
         return segment_edges(self.final_segments, self.T)[:-1]
 
     def export_scheduler(self):
-        """LCMScheduler (one segment: LCM's own boundary scalings and grid) or trailing DDIM (S segments)."""
-        from diffusers import DDIMScheduler, LCMScheduler
+        """LCMScheduler (one segment: LCM's own boundary scalings and grid) or trailing DDIM (S segments); for a
+        flow-matching teacher its unshifted FlowMatchEulerDiscreteScheduler, stochastic for one segment (each step
+        predicts x0 and re-noises it, as LCM sampling does; the boundary scalings, c_skip <= 7e-6 on the DDIM grid's
+        points, are left out) and deterministic Euler through the segment starts otherwise."""
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
         common = dict(clip_sample=False, thresholding=False)
         config = self.scheduler.config
-        if self.final_segments == 1:
+        if self.teacher.is_flow:
+            sched = FlowMatchEulerDiscreteScheduler.from_config(config, shift=1.0, use_dynamic_shifting=False,
+                                                                stochastic_sampling=self.final_segments == 1)
+        elif self.final_segments == 1:
             sched = LCMScheduler.from_config(config, original_inference_steps=self.cfg.num_ddim_timesteps,
                                              timestep_scaling=self.cfg.timestep_scaling, **common)
         else:

@@ -151,20 +151,14 @@ class ClassFamily(Family):
         return (n, cfg.in_channels, *size)
 
 
-class LatentUNetFamily(Family):
-    """Latent-space ``UNet2DConditionModel`` pipelines with a VAE and text encoders (SD1.x/2.x and SDXL share this)."""
+class LatentFamily(Family):
+    """Latent-space pipelines with a VAE and text encoders (what SD1.x/2.x, SDXL, SD3 and Flux share)."""
+
+    # The frozen parts a method keeps beside the network, by pipeline attribute (absent ones are skipped).
+    frozen_names: ClassVar[tuple[str, ...]] = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2")
-        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
-
-    @staticmethod
-    def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return model(x, t, encoder_hidden_states=cond.encoder_hidden_states, timestep_cond=cond.timestep_cond,
-                     added_cond_kwargs=cond.added_cond_kwargs).sample
-
-    def _encoder_device(self) -> torch.device:
-        return next(self.pipe.text_encoder.parameters()).device
+        return {n: getattr(self.pipe, n) for n in self.frozen_names if getattr(self.pipe, n, None) is not None}
 
     @torch.no_grad()
     def to_latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -187,6 +181,18 @@ class LatentUNetFamily(Family):
     def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
         side = resolution // self.pipe.vae_scale_factor
         return (n, self.network.config.in_channels, side, side)
+
+
+class LatentUNetFamily(LatentFamily):
+    """Latent-space ``UNet2DConditionModel`` pipelines (SD1.x/2.x and SDXL share this)."""
+
+    @staticmethod
+    def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return model(x, t, encoder_hidden_states=cond.encoder_hidden_states, timestep_cond=cond.timestep_cond,
+                     added_cond_kwargs=cond.added_cond_kwargs).sample
+
+    def _encoder_device(self) -> torch.device:
+        return next(self.pipe.text_encoder.parameters()).device
 
 
 class SDFamily(LatentUNetFamily):
@@ -238,7 +244,7 @@ class SDXLFamily(LatentUNetFamily):
                 Cond(encoder_hidden_states=neg, added_cond_kwargs={"text_embeds": neg_pooled, "time_ids": time_ids}))
 
 
-class SD3Family(Family):
+class SD3Family(LatentFamily):
     """Stable Diffusion 3 / 3.5: an ``SD3Transformer2DModel`` on flow-matching latents, two CLIP encoders and an
     optional T5 (the pipeline fills its part with zeros when absent); the transformer takes ``sigma * 1000`` as its
     timestep, the pooled CLIP embeddings as ``pooled_projections``; the VAE has a shift as well as a scale."""
@@ -252,10 +258,6 @@ class SD3Family(Family):
 
         return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
 
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
-
     @staticmethod
     def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return model(hidden_states=x, timestep=t, encoder_hidden_states=cond.encoder_hidden_states,
@@ -268,14 +270,8 @@ class SD3Family(Family):
         return (Cond(encoder_hidden_states=embeds, pooled_projections=pooled),
                 Cond(encoder_hidden_states=neg, pooled_projections=neg_pooled))
 
-    to_latents = LatentUNetFamily.to_latents
 
-    def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
-        side = resolution // self.pipe.vae_scale_factor
-        return (n, self.network.config.in_channels, side, side)
-
-
-class FluxFamily(Family):
+class FluxFamily(LatentFamily):
     """Flux.1 (and transformers of its layout): a ``FluxTransformer2DModel`` on flow-matching latents packed 2x2 into
     tokens with image / text position ids, a CLIP encoder (pooled) and a T5 encoder (sequence), a VAE with shift and
     scale. The transformer takes ``sigma`` (``t / 1000``) as its timestep. Flux-dev is guidance-distilled: its CFG
@@ -293,10 +289,6 @@ class FluxFamily(Family):
         from diffusers import FluxTransformer2DModel
 
         return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2")
-        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
 
     @staticmethod
     def pack(x: torch.Tensor) -> torch.Tensor:
@@ -330,8 +322,6 @@ class FluxFamily(Family):
             return cond, cond
         neg, neg_pooled, _ = self.pipe.encode_prompt(prompt=[""] * len(prompts), prompt_2=None, device=device)
         return cond, Cond(encoder_hidden_states=neg, pooled_projections=neg_pooled)
-
-    to_latents = LatentUNetFamily.to_latents
 
     def noise_shape(self, n: int, resolution: int) -> tuple[int, ...]:
         side = 2 * (resolution // (self.pipe.vae_scale_factor * 2))

@@ -215,30 +215,38 @@ def sd3_dir(tmp_path_factory) -> str:
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "pipe")
 
 
-def test_sd3_dmd2_trains_and_exports_a_stock_sd3_pipeline(sd3_dir, prompts, tmp_path):
-    from diffusers import SD3Transformer2DModel
-
-    from stepdistill.families import SD3Family
-
-    cfg = load_config("digits16_dmd2", _overrides(sd3_dir, prompts, "method_args.gan_weight_student=0",
+def _flow_dmd2_run(teacher_dir: str, prompts: str, tmp_path: Path):
+    """A 2-step DMD2 run of a flow-matching transformer teacher (one step from t = 1000, LoRA fake score, no GAN):
+    its config, export folder and exported scheduler config."""
+    cfg = load_config("digits16_dmd2", _overrides(teacher_dir, prompts, "method_args.gan_weight_student=0",
                                                   "method_args.gan_weight_critic=0",
                                                   "method_args.fake_score_lora_rank=2",
                                                   "method_args.student_timesteps=[1000]"))
-    run = train(cfg, tmp_path / "run")
-    export = run / "pipeline"
-    assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
-    sched = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
-    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sched["student_sigmas"] == [1.0]
-    assert sched["shift"] == 1.0 and not sched["stochastic_sampling"]
+    export = train(cfg, tmp_path / "run") / "pipeline"
+    return cfg, export, json.loads((export / "scheduler" / "scheduler_config.json").read_text())
 
+
+def _exported_student_one_step(cfg, export: Path):
+    """The method with the exported student network loaded, and its one-step x0 for the test noise and PROMPT."""
     method = get_method("dmd2")(cfg)
-    assert isinstance(method.family, SD3Family) and method.teacher.is_flow
-    method.student.model.load_state_dict(
-        SD3Transformer2DModel.from_pretrained(export, subfolder="transformer").state_dict())
+    net = type(method.student.model).from_pretrained(export, subfolder="transformer")
+    method.student.model.load_state_dict(net.state_dict())
     z = _noise()
     with torch.no_grad():
         cond, _ = method.family.prompt_cond([PROMPT])
-        ours = method.generate(cond, 1, steps=0, noise=z.clone())
+        return method, z, method.generate(cond, 1, steps=0, noise=z.clone())
+
+
+def test_sd3_dmd2_trains_and_exports_a_stock_sd3_pipeline(sd3_dir, prompts, tmp_path):
+    from stepdistill.families import SD3Family
+
+    cfg, export, sched = _flow_dmd2_run(sd3_dir, prompts, tmp_path)
+    assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sched["student_sigmas"] == [1.0]
+    assert sched["shift"] == 1.0 and not sched["stochastic_sampling"]
+
+    method, z, ours = _exported_student_one_step(cfg, export)
+    assert isinstance(method.family, SD3Family) and method.teacher.is_flow
     stock = _stock_latent(tmp_path, z, cls="StableDiffusion3Pipeline", path=str(export),
                           absent=["text_encoder_3", "tokenizer_3"], when={"sigmas": [1.0]}, guidance=1.0)
     torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)
@@ -320,28 +328,14 @@ def flux_dir(tmp_path_factory) -> str:
 
 
 def test_flux_dmd2_trains_and_exports_a_stock_flux_pipeline(flux_dir, prompts, tmp_path):
-    from diffusers import FluxTransformer2DModel
-
     from stepdistill.families import FluxFamily
 
-    cfg = load_config("digits16_dmd2", _overrides(flux_dir, prompts, "method_args.gan_weight_student=0",
-                                                  "method_args.gan_weight_critic=0",
-                                                  "method_args.fake_score_lora_rank=2",
-                                                  "method_args.student_timesteps=[1000]"))
-    run = train(cfg, tmp_path / "run")
-    export = run / "pipeline"
+    cfg, export, sched = _flow_dmd2_run(flux_dir, prompts, tmp_path)
     assert json.loads((export / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
-    sched = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
     assert sched["student_sigmas"] == [1.0] and not sched["use_dynamic_shifting"]
 
-    method = get_method("dmd2")(cfg)
+    method, z, ours = _exported_student_one_step(cfg, export)
     assert isinstance(method.family, FluxFamily) and method.teacher.guidance_input == 3.5
-    method.student.model.load_state_dict(
-        FluxTransformer2DModel.from_pretrained(export, subfolder="transformer").state_dict())
-    z = _noise()
-    with torch.no_grad():
-        cond, _ = method.family.prompt_cond([PROMPT])
-        ours = method.generate(cond, 1, steps=0, noise=z.clone())
     # The stock pipeline's default guidance_scale (3.5) is the guidance input the student was trained with.
     stock = _stock_latent(tmp_path, z, cls="FluxPipeline", path=str(export), when={"sigmas": [1.0]},
                           guidance=3.5, packed=True)

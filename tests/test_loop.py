@@ -501,10 +501,13 @@ def test_output_folder_that_cannot_be_written_is_refused_before_anything(tmp_pat
     ro = Path(tempfile.mkdtemp(prefix="stepdistill-ro-"))
     ro.chmod(0o555)
     try:
+        # The unprivileged user must be able to read the checkout (a private clone folder hides it) and must not
+        # be able to write into the read-only folder; otherwise this machine cannot show the case.
         probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                                f"import os; os.mkdir({str(ro / 'x')!r})"], capture_output=True)
-        if probe.returncode == 0 or not os.access(sys.executable, os.X_OK):
-            pytest.skip("cannot run as an unprivileged user here")
+                                f"open({str(HERE / '_toy_method.py')!r}).close(); import os; "
+                                f"os.mkdir({str(ro / 'x')!r})"], capture_output=True, text=True)
+        if "PermissionError" not in probe.stderr or str(ro) not in probe.stderr:
+            pytest.skip("cannot run as an unprivileged user that reads this checkout here")
         res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *_cmd(ro / "run")],
                              env=_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=300)
         assert res.returncode == 2, res.stderr[-3000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_dir = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite,
                     allow_changes=args.allow_changes)
-    print(f"run folder: {run_dir}\npipeline:   {Path(run_dir) / 'pipeline'}")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process
+        print(f"run folder: {run_dir}\npipeline:   {Path(run_dir) / 'pipeline'}")
     return 0
 
 

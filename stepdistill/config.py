@@ -75,6 +75,9 @@ class TrainConfig:
     teacher_dtype: str = "float32"
     # Recompute activations in the backward pass of the trainable networks (less memory, ~30% more compute).
     gradient_checkpointing: bool = False
+    # "none" (DDP: every process holds all weights) or "fsdp2" (torch fully_shard: trainable networks, their
+    # gradients and optimizer states split over the processes; frozen parts stay whole). Same code on CPU and GPU.
+    sharding: str = "none"
     # EMA decay of the student (0 = no EMA), stepped after each update of the phase that trains it. The EMA weights
     # are what gets exported when enabled; refused where a method keeps no student EMA (LoRA students).
     ema_decay: float = 0.0
@@ -291,6 +294,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, met
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+SHARDING = ("none", "fsdp2")
 
 
 def resolve_launch_settings(cfg: RunConfig) -> RunConfig:
@@ -329,6 +333,7 @@ def check_values(cfg: RunConfig) -> None:
     need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " / ".join(MIXED_PRECISION) + " (or unset)",
          t.mixed_precision)
     need(t.teacher_dtype in TEACHER_DTYPES, "train.teacher_dtype", " / ".join(TEACHER_DTYPES), t.teacher_dtype)
+    need(t.sharding in SHARDING, "train.sharding", " / ".join(SHARDING), t.sharding)
     need(finite(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0 = no EMA)", t.ema_decay)
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "0 (only at the end) or a positive number of steps",
          t.checkpoint_every)

@@ -11,3 +11,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests call train() many times in one process with different precision settings; accelerate keeps one per
+    process (a user runs one per process), so each test starts from a clean accelerate state, as accelerate's own
+    test case class does (a private accelerate call, in tests only)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -329,7 +329,8 @@ def test_stats_command_matches_the_folder_reference(digits, tmp_path, monkeypatc
         warnings.simplefilter("ignore")
         by_stats = evaluate(samples, None, None, ref=str(out), metrics=["fid"])["fid"]
         by_folder = evaluate(samples, None, None, ref=str(folder), metrics=["fid"])["fid"]
-    assert by_stats == pytest.approx(by_folder, rel=1e-9) and by_stats > 0
+    # float32 features summed in chunks vs at once: equal to ~1e-8 relative (this FID is ~3e5)
+    assert by_stats == pytest.approx(by_folder, rel=1e-6) and by_stats > 0
     # An existing output is never overwritten without --overwrite, and a missing folder is a one-line error.
     before = out.read_bytes()
     assert main(["stats", str(folder), "--resolution", "16", "--out", str(out)]) == 2

@@ -48,6 +48,10 @@ class Method(nn.Module):
     # method_args keys a run may change when it continues as a new stage (``train --allow-changes``): values that
     # weigh or shape the losses but leave every checkpointed state (networks, optimizers) as it is.
     stage_changes: ClassVar[tuple[str, ...]] = ()
+    # Whether the method trains under ``train.sharding: fsdp2`` (trainers/sharding.py): its networks must be used
+    # through their forward only, and nothing may read a trainable network's weights directly (a consistency
+    # target copied from the student's weights does).
+    shardable: ClassVar[bool] = False
 
     def __init__(self, run_config: Any):
         super().__init__()

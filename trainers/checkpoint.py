@@ -208,9 +208,19 @@ def keep_trained(weights: list[dict], frozen: set[str]) -> None:
         w.update(kept)
 
 
-def load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set[str]) -> None:
-    """accelerate load hook: load ``model.safetensors`` into the unwrapped method by its own names, check that every
-    trained tensor is there, and take the model off accelerate's list (it would load by the wrapped names)."""
+def save_trained(trained: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write trained tensors (gathered in full by a sharded run) as accelerate writes an unsharded run's."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set[str],
+                 load: Callable[[dict], None] | None = None) -> None:
+    """accelerate load hook: load ``model.safetensors`` into the unwrapped method by its own names (through
+    ``load`` for a sharded method), check that every trained tensor is there, and take the model off accelerate's
+    list (it would load by the wrapped names)."""
     from safetensors.torch import load_file
 
     path = Path(folder) / "model.safetensors"
@@ -223,16 +233,18 @@ def load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set
     if missing or unexpected:
         raise UserError(f"its weights do not fit this method (missing {', '.join(missing[:3]) or 'none'}; "
                         f"unexpected {', '.join(unexpected[:3]) or 'none'})")
-    method.load_state_dict(state, strict=False)
+    (load or (lambda sd: method.load_state_dict(sd, strict=False)))(state)
     models.clear()
 
 
-def save_ema(ema: Any, folder: Path) -> None:
-    """The EMA's shadow weights as safetensors, its counters as JSON metadata of the same file."""
+def save_ema(ema: Any, folder: Path, shadow: list[torch.Tensor] | None = None) -> None:
+    """The EMA's shadow weights (or ``shadow``, those gathered in full by a sharded run) as safetensors, its
+    counters as JSON metadata of the same file."""
     from safetensors.torch import save_file
 
     state = ema.state_dict()
-    shadow = state.pop("shadow_params")
+    shadow = state.pop("shadow_params") if shadow is None else shadow
+    state.pop("shadow_params", None)
     save_file({f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, str(folder / EMA_FILE),
               metadata={"ema": json.dumps(state)})
 
@@ -249,9 +261,11 @@ def load_ema(ema: Any, folder: Path) -> None:
     ema.load_state_dict({**meta, "shadow_params": shadow})
 
 
-def load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: bool) -> tuple[Path | None, dict]:
+def load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: bool,
+                           load_extra: Callable[[Path], None] | None = None) -> tuple[Path | None, dict]:
     """Load the newest complete checkpoint that loads; one that does not (truncated, tampered with, written by an
-    older version) is reported in a warning line and the previous one is tried. Returns (folder, loop state)."""
+    older version) is reported in a warning line and the previous one is tried. ``load_extra(folder)`` loads what
+    the loop wrote itself (sharded optimizer states), on every process. Returns (folder, loop state)."""
     found = list_checkpoints(ckpt_dir)
     first_problem = None
     for _, path in reversed(found):
@@ -265,6 +279,8 @@ def load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: boo
             accelerator.load_state(str(path))
             if ema is not None:
                 load_ema(ema, path)
+            if load_extra is not None:
+                load_extra(path)
         except (MemoryError, PermissionError, torch.OutOfMemoryError):
             raise  # a problem of this machine, not of the checkpoint: never skip a good checkpoint for it
         except Exception as e:  # noqa: BLE001 - whatever makes a checkpoint unreadable, the previous one may serve

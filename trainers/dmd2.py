@@ -114,7 +114,8 @@ class GANHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) features -> (B,) logits (positive = real)."""
-        return self.net(features.float()).squeeze(1)
+        # sum over the one logit column, not squeeze: a new tensor rather than a view, which FSDP2 warns about.
+        return self.net(features.float()).sum(dim=1)
 
 
 class DMD2Method(Method):
@@ -124,8 +125,8 @@ class DMD2Method(Method):
     score (a trainable copy, or LoRA adapters on the teacher network itself so no second full copy exists) and,
     with the GAN term, a small head on the fake score's bottleneck.
 
-    Supported teachers: :class:`~stepdistill.pipelines.ClassConditionalPipeline` (pixel space, class labels with a
-    null class) and SD-type text pipelines (``UNet2DConditionModel`` + VAE + one CLIP text encoder).
+    Supported teachers: every family of :mod:`stepdistill.families` (the class-conditional pixel pipelines, SD 1.5,
+    SDXL, SD3 and Flux); the GAN term needs a UNet (it reads the fake score's mid block).
 
     Args:
         run_config: the resolved :class:`~stepdistill.config.RunConfig`; ``run_config.method_args`` is a
@@ -135,6 +136,7 @@ class DMD2Method(Method):
     name = "dmd2"
     Config = DMD2Config
     phase_names = ("student", "fake_score")
+    shardable = True
     # A run may continue with new loss weights, real-score guidance, noise ranges and TTUR ratio (train
     # --allow-changes), e.g. a larger GAN weight late in training. A new TTUR ratio needs a constant student LR
     # schedule: a decaying one counts student updates, and its length would no longer match its position.

@@ -55,7 +55,7 @@ from stepdistill.errors import ConfigError, DataError, UserError, first_line
 from stepdistill.utils import replace_dir, save_grid
 
 from . import checkpoint as ckpt
-from . import get_method
+from . import get_method, sharding
 from .base import Method, Phase
 from .data_stream import STEP_STREAM, SeededItems, ShardedInfiniteBatchSampler, derive_seed, seed_everything, to_device
 from .run_folder import CHANGES_FILE, flatten, plan_out_dir, shown, truncate_logs, write_log_line
@@ -165,6 +165,11 @@ class _EMASwap:
             self.ema.restore(self.params)
 
 
+def _no_sync(accelerator: Any, model: torch.nn.Module, units: list[torch.nn.Module]) -> Any:
+    """No gradient reduction for a micro-batch that is not the update's last (DDP's no_sync, FSDP2's own)."""
+    return sharding.no_gradient_sync(units) if units else accelerator.no_sync(model)
+
+
 class _Meter:
     """Sums of a phase's loss and logs since the last log line."""
 
@@ -269,34 +274,50 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
             log_with = "tensorboard"
         else:
             print("warning: tensorboard is not installed; logging to logs.jsonl only", file=sys.stderr)
-    handlers = []
-    if len(phases) > 1:
-        # Each phase's loss reaches only part of the trainable parameters, so DDP must not wait for the rest.
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # Each phase's loss reaches only part of the trainable parameters, so DDP must not wait for the rest. Buffers
+    # are never broadcast: every rank computes the same ones (a consistency target, its step counter), and a
+    # broadcast of a full target network in every forward would cost as much as the gradient all-reduce.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=len(phases) > 1, broadcast_buffers=False)]
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched == 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        # train() may run several times in one process (tests, notebooks, sweeps); accelerate's process-wide state
-        # would refuse a second mixed_precision setting, so a single-process run starts from a clean slate.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-    accelerator = Accelerator(
-        # accelerate ignores a torchrun/launcher world on a machine without an accelerator unless told to use the
-        # CPU, and would then run WORLD_SIZE independent copies writing into the same folder.
-        cpu=launched > 1 and not has_device,
-        mixed_precision=tc.mixed_precision,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)),
-        # Our schedules count optimizer updates of one phase; by default accelerate steps a prepared scheduler
-        # num_processes times per call, which would tie the schedule to the world size.
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=handlers,
-    )
+    try:
+        accelerator = Accelerator(
+            # accelerate ignores a torchrun/launcher world on a machine without an accelerator unless told to use
+            # the CPU, and would then run WORLD_SIZE independent copies writing into the same folder.
+            cpu=launched > 1 and not has_device,
+            mixed_precision=tc.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out)),
+            # Our schedules count optimizer updates of one phase; by default accelerate steps a prepared scheduler
+            # num_processes times per call, which would tie the schedule to the world size.
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=handlers,
+        )
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+        # accelerate keeps one mixed-precision setting per process (its state is process-wide).
+        raise UserError(f"this process already ran accelerate with another mixed precision than "
+                        f"train.mixed_precision={tc.mixed_precision!r}; run each setting in a new process") from None
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"accelerate was launched with {accelerator.distributed_type.value}, which stepdistill does "
+                        "not use: launch with --multi_gpu and set train.sharding=fsdp2 to shard (stepdistill's own "
+                        "FSDP2 path, trainable networks only)")
     if launched > 1 and accelerator.num_processes != launched:
         raise UserError(f"launched as {launched} processes (WORLD_SIZE) but accelerate set up "
                         f"{accelerator.num_processes}; check the accelerate config (on CPU-only machines set "
                         "ACCELERATE_USE_CPU=1)")
+    sharded = tc.sharding == "fsdp2"
+    units: list[torch.nn.Module] = []
+    if sharded:
+        if not method.shardable:
+            raise ConfigError(f"train.sharding=fsdp2: method '{cfg.method}' cannot be sharded yet (it reads its "
+                              "trainable weights outside the networks' forward); use train.sharding=none")
+        if tc.mixed_precision == "fp16":
+            raise ConfigError("train.sharding=fsdp2 with train.mixed_precision=fp16 needs a sharded gradient "
+                              "scaler, which stepdistill lacks; use bf16")
+        units = sharding.shard(method, accelerator.device, accelerator.num_processes)
+        phases = method.phases()  # the sharded parameters replaced the module's own
+        _validate_phases(phases, cfg)
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -329,20 +350,26 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         for p, oc in zip(phases, optim_cfgs)
     ]
     schedulers = [_make_scheduler(oc, p, o, tc.max_steps) for p, oc, o in zip(phases, optim_cfgs, optimizers)]
-    prepared = accelerator.prepare(method, *optimizers, *schedulers)
-    model, optimizers = prepared[0], list(prepared[1 : 1 + len(phases)])
-    schedulers = list(prepared[1 + len(phases) :])
+    if sharded:
+        # Sharded networks reduce-scatter their own gradients; neither they nor their optimizers may be wrapped
+        # by accelerate (its DDP would all-reduce DTensors, it would save each rank's optimizer shard as the whole).
+        model, schedulers = method, list(accelerator.prepare(*schedulers))
+    else:
+        prepared = accelerator.prepare(method, *optimizers, *schedulers)
+        model, optimizers = prepared[0], list(prepared[1 : 1 + len(phases)])
+        schedulers = list(prepared[1 + len(phases) :])
 
     # Checkpoints hold the trained state only, under the unwrapped method's parameter names, whatever the process
     # count (so a run resumes on another number of processes). Frozen parameters (the teacher, LoRA base weights)
     # are rebuilt by the method's constructor and never saved: a checkpoint holds what training changes, not a copy
     # of a multi-GB teacher. accelerate's own model saving is wrapped by its state hooks because it would save
     # every parameter and load by the names of the wrapped (DDP) model. FSDP/DeepSpeed keep accelerate's format.
+    # Sharded runs write the same model.safetensors themselves (gathered in full, see checkpoint() below).
     frozen = {n for n, p in method.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    if accelerator.distributed_type.value not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        accelerator.register_save_state_pre_hook(lambda models, weights, _: ckpt.keep_trained(weights, frozen))
-        accelerator.register_load_state_pre_hook(
-            lambda models, folder: ckpt.load_trained(method, models, folder, frozen))
+    accelerator.register_save_state_pre_hook(lambda models, weights, _: ckpt.keep_trained(weights, frozen))
+    load = (lambda state: sharding.load_full_state(method, state)) if sharded else None
+    accelerator.register_load_state_pre_hook(
+        lambda models, folder: ckpt.load_trained(method, models, folder, frozen, load))
 
     # The EMA is saved by the loop as safetensors (ema.safetensors), not registered with accelerate, which would
     # pickle it and load the pickle with weights_only=False: a copied run folder could then run code on resume.
@@ -362,7 +389,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     start, consumed = 0, 0
     resume_from = None
     if mode == "resume":
-        resume_from, state = ckpt.load_newest_checkpoint(accelerator, ckpt_dir, ema, main)
+        def load_sharded(folder: Path) -> None:
+            sharding.load_optimizers(method, optimizers, folder)
+            if ema is not None:  # loaded in full: cut into this process's shards of the parameters
+                ema.shadow_params = sharding.shard_like(ema.shadow_params, ema_params)
+
+        resume_from, state = ckpt.load_newest_checkpoint(accelerator, ckpt_dir, ema, main,
+                                                         load_sharded if sharded else None)
     if resume_from is not None:
         if state.get("world_size", world) != world and main:
             print(f"warning: resuming a {state['world_size']}-process run on {world} processes; the data order "
@@ -411,7 +444,19 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     def checkpoint(step: int) -> None:
         state = {"step": step, "batches_consumed": consumed, "world_size": world, "phases": [p.name for p in phases]}
-        extra = (lambda folder: ckpt.save_ema(ema, folder)) if ema is not None else None
+        if sharded:  # gathered in full by every process, written by the main one
+            weights = sharding.gather_units(method)
+            trained = {k: v for k, v in weights.items() if k not in frozen}
+            optim_states = sharding.gather_optimizers(method, optimizers)
+            shadow = sharding.full_ema(ema.shadow_params) if ema is not None else None
+
+            def extra(folder: Path) -> None:
+                ckpt.save_trained(trained, folder)
+                sharding.write_optimizers(optim_states, folder)
+                if ema is not None:
+                    ckpt.save_ema(ema, folder, shadow)
+        else:
+            extra = (lambda folder: ckpt.save_ema(ema, folder)) if ema is not None else None
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, state, tc.keep_checkpoints, write_extra=extra)
         resume_point[0] = step
 
@@ -429,7 +474,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
                 consumed += 1
                 seed_everything(derive_seed(STEP_STREAM, cfg.seed, rank, step, pi, mi))
                 # Gradients are all-reduced only on the last micro-batch of the update.
-                with accelerator.no_sync(model) if mi < ga - 1 else nullcontext():
+                with _no_sync(accelerator, model, units) if mi < ga - 1 else nullcontext(), \
+                        accelerator.autocast() if sharded else nullcontext():  # prepared models autocast themselves
                     loss, logs = model(phase.name, batch, step)
                     _stop_if_not_finite(accelerator, loss, phase.name, step, resume_point)
                     accelerator.backward(loss / ga)
@@ -481,10 +527,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
     if not (resume_from is not None and resume_from.name == final):  # already saved by the run we resumed
         checkpoint(tc.max_steps)
     sample(tc.max_steps)
-    if main:
-        with _EMASwap(ema, ema_params):
-            # Written beside and swapped in: a kill never leaves a half-written pipeline/.
-            replace_dir(out / "pipeline", accelerator.unwrap_model(model).export)
+    with _EMASwap(ema, ema_params):
+        full = sharding.gather_units(method) if sharded else {}
+        if main:
+            with sharding.full_weights(method, full) if sharded else nullcontext():
+                # Written beside and swapped in: a kill never leaves a half-written pipeline/.
+                replace_dir(out / "pipeline", accelerator.unwrap_model(model).export)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

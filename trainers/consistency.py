@@ -280,10 +280,7 @@ class ConsistencyMethod(Method):
         cast_frozen(teacher, self.family, run_config.train.teacher_dtype)
         # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.
         self.register_buffer("target_step", torch.tensor(-1, dtype=torch.long))
-        # Every rank computes the same target state: DDP must not broadcast it.
-        target_state = [n for n, _ in self.named_buffers()
-                        if n.split(".")[0] in ("target", "target_adapters", "target_step")]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, target_state)
+        # Every rank computes the same target state; the loop's DDP never broadcasts buffers.
 
     # --- construction helpers -----------------------------------------------------------------------------------
     def _validate(self, c: ConsistencyConfig, T: int) -> None:

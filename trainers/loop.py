@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from stepdistill.config import (
     OptimConfig,
@@ -76,11 +75,14 @@ def _enable_gradient_checkpointing(method: Method) -> None:
     from diffusers import ModelMixin
 
     nets = [m for m in method.modules() if isinstance(m, ModelMixin) and any(p.requires_grad for p in m.parameters())]
-    if not nets or not all(m._supports_gradient_checkpointing for m in nets):
+    try:
+        if not nets:
+            raise ValueError
+        for m in nets:
+            m.enable_gradient_checkpointing()  # a ValueError where the network does not support it
+    except ValueError:
         raise ConfigError(f"train.gradient_checkpointing: method '{method.name}' has no trainable diffusers network "
-                          "that supports it; set it to false")
-    for m in nets:
-        m.enable_gradient_checkpointing()
+                          "that supports it; set it to false") from None
 
 
 def _accelerate_launch_processes() -> int | None:

@@ -83,7 +83,8 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
              progress: bool = True) -> dict:
     """Generate ``num_samples`` images; returns ``images`` (uint8 NHWC), ``labels`` or ``prompts``, ``seconds`` and
     ``timesteps`` (the explicit schedule used: ``timesteps``, else the pipeline's recorded one for ``steps``, else
-    None for the scheduler's own rule).
+    None for the scheduler's own rule) or ``sigmas`` (a flow-matching student's recorded noise levels, for the stock
+    pipelines that take them).
 
     ``seconds`` is the wall time of all network work (first batch included), so samples/second is honest
     end-to-end throughput at this batch size.
@@ -92,10 +93,12 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         raise UserError("--num-samples must be at least 1")
     if steps < 1 and timesteps is None:
         raise UserError("--steps must be at least 1")
+    sigmas = None
     if timesteps is None:  # a student's recorded schedule for this step count, if it has one
-        from stepdistill.pipelines import recorded_timesteps
+        from stepdistill.pipelines import recorded_schedule
 
-        timesteps = recorded_timesteps(pipe, steps)
+        recorded = recorded_schedule(pipe, steps)
+        timesteps, sigmas = recorded.get("timesteps"), recorded.get("sigmas")
     kind = pipeline_kind(pipe)
     labels = None
     if kind == "class":
@@ -114,6 +117,8 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         common = {"generator": gens, "output_type": "np"}
         if timesteps is not None:
             common["timesteps"] = list(timesteps)
+        elif sigmas is not None:
+            common["sigmas"] = list(sigmas)
         else:
             common["num_inference_steps"] = steps
         if kind == "class":
@@ -129,7 +134,8 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
     if images.ndim == 3:
         images = images[..., None]
     return {"images": images, "labels": labels, "prompts": prompts, "seconds": seconds,
-            "timesteps": list(timesteps) if timesteps is not None else None}
+            "timesteps": list(timesteps) if timesteps is not None else None,
+            "sigmas": list(sigmas) if sigmas is not None else None}
 
 
 def save_samples(path: str | Path, result: dict, **meta) -> None:

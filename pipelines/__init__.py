@@ -14,8 +14,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
 ALIASES = {"digits16": "digits16_teacher", "digits16-flow": "digits16_flow_teacher"}
 OUR_PIPELINES = {"ClassConditionalPipeline": ClassConditionalPipeline}
 
-__all__ = ["ClassConditionalPipeline", "accepts_timesteps", "load_pipeline", "numpy_to_uint8", "recorded_timesteps",
-           "resolve_pipeline_path"]
+__all__ = ["ClassConditionalPipeline", "accepts_timesteps", "load_pipeline", "numpy_to_uint8", "recorded_schedule",
+           "recorded_timesteps", "resolve_pipeline_path"]
 
 
 def accepts_timesteps(pipe) -> bool:
@@ -39,6 +39,23 @@ def recorded_timesteps(pipe, steps: int) -> list[int] | None:
         if len(ts) == steps:
             return [int(t) for t in ts]
     return None
+
+
+def recorded_schedule(pipe, steps: int) -> dict:
+    """How to ask ``pipe`` for a distilled student's recorded ``steps``-step sampler: ``{"timesteps": [...]}`` where
+    the pipeline takes explicit timesteps, ``{"sigmas": [...]}`` for the stock flow-matching pipelines (SD3, Flux:
+    they take ``sigmas``, recorded as ``sample_sigmas`` / ``student_sigmas``), or ``{}`` (the scheduler's own rule)."""
+    import inspect
+
+    ts = recorded_timesteps(pipe, steps)
+    if ts is not None:
+        return {"timesteps": ts}
+    if "sigmas" in inspect.signature(pipe.__call__).parameters:
+        cfg = pipe.scheduler.config
+        for sig in [*(cfg.get("sample_sigmas") or []), cfg.get("student_sigmas") or []]:
+            if len(sig) == steps:
+                return {"sigmas": [float(v) for v in sig]}
+    return {}
 
 
 def _assets_dir() -> Path:

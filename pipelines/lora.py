@@ -85,7 +85,8 @@ def _lora_file(path: str | Path) -> Path:
 
 
 def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, base: str | None = None,
-              base_pipeline: str | None = None, fingerprint: str | None = None) -> Path:
+              base_pipeline: str | None = None, fingerprint: str | None = None, pipeline_cls: type | None = None,
+              network_attr: str = "unet") -> Path:
     """Write the LoRA adapters of ``unet`` to ``out_dir/pytorch_lora_weights.safetensors``.
 
     Args:
@@ -97,6 +98,10 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, bas
             fingerprint and ``base_pipeline`` (its pipeline class) in the file's metadata (``stepdistill_base``).
         fingerprint: the base network's :func:`base_fingerprint`, taken before its weights were cast for training
             (``train.teacher_dtype``); computed from ``unet`` if not given.
+        pipeline_cls: the text pipeline class whose ``save_lora_weights`` writes the file (its
+            ``load_lora_weights`` reads it back); StableDiffusionPipeline by default.
+        network_attr: the pipeline's name of the network ("unet", or "transformer" for SD3 / Flux), the prefix of
+            the file's keys.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
@@ -107,14 +112,15 @@ def save_lora(unet: nn.Module, out_dir: str | Path, lora_config, text: bool, bas
     meta = lora_config.to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     if text:
-        from diffusers import StableDiffusionPipeline
+        if pipeline_cls is None:
+            from diffusers import StableDiffusionPipeline as pipeline_cls
 
         # peft's keys as they are (diffusers' LCM-LoRA script does the same): convert_state_dict_to_diffusers would
         # rewrite only the attention keys to the old "lora.down/up" names, which the peft-based loader then drops
         # (caught by tests/test_consistency.py::test_sd_lora_file_reproduces_the_student).
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(out_dir), unet_lora_layers=state, unet_lora_adapter_metadata=meta,
-            safe_serialization=True)
+        pipeline_cls.save_lora_weights(
+            save_directory=str(out_dir), safe_serialization=True,
+            **{f"{network_attr}_lora_layers": state, f"{network_attr}_lora_adapter_metadata": meta})
     else:
         info = {"r": meta["r"], "lora_alpha": meta["lora_alpha"], "target_modules": meta["target_modules"],
                 "network": type(unet).__name__}

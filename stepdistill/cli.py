@@ -148,7 +148,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                  seed=args.seed, scheduler=type(pipe.scheduler).__name__,
                  timesteps=",".join(map(str, res["timesteps"] or [])))
     save_grid(res["images"][:100], out / "grid.png", nrow=10)
-    when = f"timesteps {res['timesteps']}" if res["timesteps"] else f"{args.steps} steps (scheduler's rule)"
+    when = (f"timesteps {res['timesteps']}" if res["timesteps"] else f"sigmas {res['sigmas']}" if res["sigmas"]
+            else f"{args.steps} steps (scheduler's rule)")
     print(f"{args.num_samples} samples at {when} in {res['seconds']:.1f}s ({args.num_samples / res['seconds']:.1f}/s)"
           f" -> {out / 'samples.npz'}, {out / 'grid.png'}")
     return 0
@@ -205,8 +206,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = gen.generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
                                prompts=prompts, timesteps=timesteps)
         raw = dict(samples)
-        if samples["timesteps"]:
-            row["timesteps"] = samples["timesteps"]
+        for key in ("timesteps", "sigmas"):
+            if samples[key]:
+                row[key] = samples[key]
         row.update(steps=args.steps, guidance=args.guidance,
                    samples_per_s=round(len(samples["images"]) / samples["seconds"], 2))
         if args.degrain:

@@ -52,6 +52,12 @@ class Family:
     def network(self) -> nn.Module:
         return getattr(self.pipe, self.network_attr)
 
+    @property
+    def distilled_guidance_scale(self) -> float:
+        """The ``guidance_scale`` to pass to the exported pipeline of a student with the teacher's CFG distilled in:
+        1.0 (no CFG pass), or for a guidance-distilled network (Flux-dev) the guidance input it was trained with."""
+        return self.guidance_input if self.guidance_input is not None else 1.0
+
     def denoiser(self, model: nn.Module):
         """``model`` (the teacher network or a copy of it) as a Denoiser on the teacher's schedule, called the
         family's way."""

@@ -46,7 +46,8 @@ cls = getattr(diffusers, args["cls"])
 pipe = cls.from_pretrained(args["path"], **{k: None for k in args.get("absent", [])})
 if args.get("lora"):
     pipe.load_lora_weights(args["lora"])
-    pipe.scheduler = diffusers.LCMScheduler.from_pretrained(args["lora"], subfolder="scheduler")
+    sched = json.load(open(args["lora"] + "/scheduler/scheduler_config.json"))["_class_name"]
+    pipe.scheduler = getattr(diffusers, sched).from_pretrained(args["lora"], subfolder="scheduler")
 pipe.set_progress_bar_config(disable=True)
 assert "stepdistill" not in sys.modules
 z = torch.load(args["noise"])
@@ -257,9 +258,9 @@ def test_flow_teacher_refusals(sd3_dir, captioned, prompts):
     with pytest.raises(ConfigError, match=r"student_timesteps must be non-empty integers in \[1, 1000\] .*flow"):
         get_method("dmd2")(load_config("digits16_dmd2", _overrides(sd3_dir, prompts, *no_gan,
                                                                    "method_args.student_timesteps=[0]")))
-    with pytest.raises(ConfigError, match="consistency distillation of text-to-image flow-matching teachers .*"
-                                          "distill this teacher with dmd2"):
-        get_method("consistency")(load_config("digits16_lcm", _overrides(sd3_dir, captioned)))
+    with pytest.raises(ConfigError, match="cannot be conditioned on the guidance scale"):
+        get_method("consistency")(load_config("digits16_lcm", _overrides(sd3_dir, captioned,
+                                                                          "method_args.guidance_min=1")))
     with pytest.raises(ConfigError, match="mid_block"):
         get_method("dmd2")(load_config("digits16_dmd2", _overrides(sd3_dir, captioned,
                                                                    "method_args.student_timesteps=[1000]")))
@@ -373,3 +374,49 @@ def test_lora_export_of_a_bf16_run_records_the_full_precision_base(sdxl_dir, cap
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseMismatchWarning)
         load_pipeline(str(tmp_path / "lora"))
+
+
+# --- LCM / LCM-LoRA of the flow-matching transformers (SD3, Flux) ---------------------------------------------------
+@pytest.mark.parametrize("family,lora", [("sd3", False), ("sd3", True), ("flux", False), ("flux", True)])
+def test_lcm_of_flow_transformers_loads_in_their_stock_pipelines(family, lora, sd3_dir, flux_dir, captioned,
+                                                                   tmp_path):
+    """A short LCM (full) or LCM-LoRA run of SD3 / Flux; the export (a full pipeline, or a LoRA file plus scheduler
+    for load_lora_weights on the stock base) run by the stock pipeline at the recorded sigmas in a process without
+    stepdistill gives the student's one-step consistency function (the boundary scaling c_skip(999) ~ 3e-9 left
+    out), within 1e-4."""
+    teacher = sd3_dir if family == "sd3" else flux_dir
+    recipe = "digits16_lcm_lora" if lora else "digits16_lcm"
+    extra = ["method_args.lora_rank=2", "method_args.lora_alpha=4"] if lora else [
+        "method_args.guidance_min=3", "method_args.guidance_max=3", "method_args.sample_timesteps=[]",
+        "train.ema_decay=0"]
+    cfg = load_config(recipe, _overrides(teacher, captioned, *extra))
+    run = train(cfg, tmp_path / "run")
+    export = run / "pipeline"
+    sched = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sched["stochastic_sampling"]
+    assert sched["student_sigmas"] == [0.999] and sched["shift"] == 1.0
+    assert "student_sigmas" in (export / "README.md").read_text()
+    if not lora:  # what stepdistill sample/eval/bench pass for one step
+        from stepdistill.pipelines import recorded_schedule
+
+        assert recorded_schedule(load_pipeline(str(export)), 1) == {"sigmas": [0.999]}
+
+    method = get_method("consistency")(cfg)
+    if lora:  # the trained adapters would be tiny after 2 steps: random ones tell a wrong load from a right one
+        randomize_lora(method.student.model, 0.2)
+        export = tmp_path / "lora"
+        method.export(export)
+    else:
+        attr = method.family.network_attr
+        net = type(method.student.model).from_pretrained(export, subfolder=attr)
+        method.student.model.load_state_dict(net.state_dict())
+    z = _noise()
+    with torch.no_grad():
+        cond, _ = method.family.prompt_cond([PROMPT])
+        ours = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]), cond)
+    cls = "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline"
+    where = {"path": teacher, "lora": str(export)} if lora else {"path": str(export)}
+    stock = _stock_latent(tmp_path, z, cls=cls, when={"sigmas": [0.999]}, packed=family == "flux",
+                          guidance=method.family.distilled_guidance_scale,
+                          absent=["text_encoder_3", "tokenizer_3"] if family == "sd3" else [], **where)
+    torch.testing.assert_close(stock, ours, atol=1e-4, rtol=1e-4)

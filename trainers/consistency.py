@@ -240,10 +240,6 @@ class ConsistencyMethod(Method):
         if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
             raise ConfigError(IMAGES_MSG)
         self.family, teacher = load_teacher(run_config, "consistency distillation")
-        if teacher.is_flow and self.family.classes is None:
-            raise ConfigError(f"consistency distillation of text-to-image flow-matching teachers "
-                              f"('{run_config.teacher}') is not supported yet (their stock pipelines sample at "
-                              "sigmas, not at the recorded timesteps); distill this teacher with dmd2")
         unet, scheduler = self.family.network, self.family.pipe.scheduler
         self.scheduler = scheduler
         self.T = teacher.num_train_timesteps
@@ -497,7 +493,23 @@ class ConsistencyMethod(Method):
         sched.register_to_config(student_timesteps=self.student_timesteps(),
                                  consistency_segments=self.final_segments,
                                  sample_timesteps=self.sample_schedules())
+        if self.teacher.is_flow:  # the same schedules as noise levels: the stock SD3 / Flux pipelines take sigmas=
+            sched.register_to_config(student_sigmas=self._sigmas(self.student_timesteps()),
+                                     sample_sigmas=[self._sigmas(ts) for ts in self.sample_schedules()])
         return sched
+
+    def _sigmas(self, timesteps: list[int]) -> list[float]:
+        return [t / self.T for t in timesteps]
+
+    def _sampling_kwargs(self, steps: int) -> dict:
+        """How the exported pipeline is asked for the recorded ``steps``-step sampler (timesteps= or sigmas=)."""
+        rec = {len(r): r for r in self.sample_schedules()}
+        ts = rec.get(steps) or (self.student_timesteps() if steps == len(self.student_timesteps()) else None)
+        if ts is None:
+            return {"num_inference_steps": steps}
+        if self.teacher.is_flow and self.classes is None:
+            return {"sigmas": self._sigmas(ts)}
+        return {"timesteps": ts}
 
     def sample_schedules(self) -> list[list[int]]:
         """The recommended LCM sampling schedules the export records (none for multi-segment students)."""
@@ -525,19 +537,20 @@ class ConsistencyMethod(Method):
             return self._sample_grid(num, seed)
 
     def _sample_grid(self, num: int, seed: int) -> np.ndarray:
-        from stepdistill.pipelines import recorded_timesteps
+        from stepdistill.pipelines import recorded_schedule
 
         pipe = self.pipeline()
         steps = self._sample_steps()
-        ts = recorded_timesteps(pipe, steps)
-        when = {"timesteps": ts} if ts else {"num_inference_steps": steps}
+        when = recorded_schedule(pipe, steps) or {"num_inference_steps": steps}
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
         if self.classes is not None:
             labels = torch.arange(num) % self.classes.num_classes
             return to_uint8(pipe(labels, generator=gens, output_type="pt", **when).images)
         prompts = [self.cfg.sample_prompts[i % len(self.cfg.sample_prompts)] for i in range(num)]
-        w = self.cfg.guidance_max if self.w_dim else 1.0
-        images = pipe(prompts, guidance_scale=w, generator=gens, output_type="np", **when).images
+        w = self.cfg.guidance_max if self.w_dim else self.family.distilled_guidance_scale
+        size = self.run_config.data.resolution
+        images = pipe(prompts, guidance_scale=w, generator=gens, output_type="np", height=size, width=size,
+                      **when).images
         return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 
     def export(self, out_dir: Path) -> None:
@@ -554,7 +567,8 @@ class ConsistencyMethod(Method):
             pipe.scheduler.save_pretrained(str(out_dir / "scheduler"))
         if self.lora:
             save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None, base=self.lora_base(),
-                      base_pipeline=type(self.family.pipe).__name__, fingerprint=self.base_fingerprint)
+                      base_pipeline=type(self.family.pipe).__name__, fingerprint=self.base_fingerprint,
+                      pipeline_cls=type(self.family.pipe), network_attr=self.family.network_attr)
         (out_dir / "README.md").write_text(self._model_card(out_dir))
 
     def lora_base(self) -> str:
@@ -573,15 +587,21 @@ class ConsistencyMethod(Method):
             kind += f" multiphase (segments {list(c.segments)} from steps {list(c.segment_starts)})"
         steps = c.sample_steps if segs == 1 else segs
         rec = {len(r): r for r in self.sample_schedules()}
-        when = f"timesteps={rec[steps]}" if steps in rec else f"num_inference_steps={steps}"
+        when = ", ".join(f"{k}={v}" for k, v in self._sampling_kwargs(steps).items())
         ranged = c.guidance_min < c.guidance_max
         w = f"w in [{c.guidance_min}, {c.guidance_max}]" if ranged else f"w = {c.guidance_min}"
         if self.w_dim:
             guide = (f"The student is conditioned on the guidance scale ({self.w_dim}-d embedding of w - 1): pass "
                      f"`guidance_scale` in [{c.guidance_min}, {c.guidance_max}]; no CFG pass is run.")
         else:
-            guide = "The teacher's guidance is distilled in: sample with `guidance_scale=1.0` (no CFG)."
-        if segs == 1:
+            guide = ("The teacher's guidance is distilled in: sample with "
+                     f"`guidance_scale={self.family.distilled_guidance_scale}` (no CFG pass).")
+        if self.teacher.is_flow:
+            how = ("stochastic: each step predicts x0 and re-noises it" if segs == 1
+                   else "deterministic Euler through the segment starts")
+            sampler = (f"`FlowMatchEulerDiscreteScheduler` (unshifted, {how}); sample with `{when}` (recorded as "
+                       "`student_sigmas` / `sample_sigmas`).")
+        elif segs == 1:
             sampler = (f"`LCMScheduler` (original_inference_steps={c.num_ddim_timesteps}): 1 step uses t = {ts}; any "
                        "step count from LCM's grid works (multi-step LCM sampling re-noises with fresh noise).")
             if rec:
@@ -600,15 +620,16 @@ class ConsistencyMethod(Method):
                         f"teacher.load_lora_weights(\"{out_dir.name}\")\nteacher.scheduler = "
                         f"type(pipe.scheduler).from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")")
         elif self.lora:
-            sched_cls = "LCMScheduler" if segs == 1 else "DDIMScheduler"
+            sched_cls = type(self.export_scheduler()).__name__
             use = (f"pipe = {type(self.family.pipe).__name__}.from_pretrained(\"{self.run_config.teacher}\")\n"
                    f"pipe.load_lora_weights(\"{out_dir.name}\")\n"
                    f"pipe.scheduler = {sched_cls}.from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")\n"
-                   f"images = pipe([\"a photo of a cat\"], {when}, guidance_scale=1.0).images")
+                   f"images = pipe([\"a photo of a cat\"], {when}, "
+                   f"guidance_scale={self.family.distilled_guidance_scale}).images")
         else:
             use = (f"pipe = {type(self.family.pipe).__name__}.from_pretrained(\"{out_dir.name}\")\n"
                    f"images = pipe([\"a photo of a cat\"], {when}, "
-                   f"guidance_scale={c.guidance_max if self.w_dim else 1.0}).images")
+                   f"guidance_scale={c.guidance_max if self.w_dim else self.family.distilled_guidance_scale}).images")
         files = ("`pytorch_lora_weights.safetensors` (LoRA rank "
                  f"{c.lora_rank}, alpha {c.lora_alpha or c.lora_rank}; base model `{self.lora_base()}`, fingerprint "
                  f"`{lora_base(out_dir)['fingerprint']}`, also in the file's `stepdistill_base` metadata)"

@@ -513,7 +513,8 @@ class DMD2Method(Method):
             return to_uint8(pipe(labels, generator=gens, output_type="pt", **when).images)
         prompts = [self.cfg.sample_prompts[i % len(self.cfg.sample_prompts)] for i in range(num)]
         size = self.run_config.data.resolution
-        images = pipe(prompts, guidance_scale=1.0, generator=gens, output_type="np", height=size, width=size,
+        images = pipe(prompts, guidance_scale=self.family.distilled_guidance_scale, generator=gens, output_type="np",
+                      height=size, width=size,
                       **when).images
         return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
 

@@ -23,7 +23,8 @@ TEACHER_STEPS = (50, 8, 4, 2, 1)
 # student trained with DMD2's real_guidance = 1 is matched to).
 TEACHER_UNGUIDED_STEPS = 50
 # The report tables' metric columns, in order; by default every one is computed.
-TABLE_METRICS = ("fid", "kid", "fd_digits", "accuracy", "grain")
+TABLE_METRICS = ("fid", "kid", "precision", "recall", "fd_digits", "accuracy", "precision_digits", "recall_digits",
+                 "grain")
 METRICS = list(TABLE_METRICS)
 
 
@@ -50,7 +51,7 @@ def _cell(r: dict, key: str) -> str:
         return "-"
     if key == "kid":
         return f"{1e3 * v:.2f} ± {1e3 * r.get('kid_std', 0.0):.2f}"
-    if key == "accuracy":
+    if key in ("accuracy", "precision", "recall", "precision_digits", "recall_digits"):
         return f"{100 * v:.1f}%"
     if key == "grain":
         return f"{1e3 * v:.1f}"

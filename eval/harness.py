@@ -25,10 +25,16 @@ from stepdistill.errors import UserError
 
 from .frechet import feature_stats, frechet_distance, kid, load_stats, load_stats_meta, rank_deficient_message
 from .inception import INCEPTION_DIM, check_uint8_nhwc, inception_features, inception_preprocessing
+from .precision_recall import precision_recall
 
-METRICS = ("fid", "kid", "fd_digits", "accuracy", "grain", "clip")
+METRICS = ("fid", "kid", "precision", "recall", "fd_digits", "accuracy", "precision_digits", "recall_digits",
+           "grain", "clip")
 # Metrics computed in Inception feature space; they share one pass over the samples.
-_INCEPTION_METRICS = {"fid", "kid"}
+_INCEPTION_METRICS = {"fid", "kid", "precision", "recall"}
+# Metrics computed in the digits classifier's feature space.
+_DIGITS_METRICS = {"fd_digits", "accuracy", "precision_digits", "recall_digits"}
+# Metrics that compare with the reference set.
+_REF_METRICS = {"fid", "kid", "precision", "recall", "fd_digits", "precision_digits", "recall_digits"}
 _SKIP_IN_TABLE = {"preprocessing", "warning"}
 
 
@@ -143,7 +149,7 @@ def check_request(ref: str, metrics: list[str] | str, clip_model: str | None) ->
     """The checks of an evaluation request that need no samples (metric names, reference, CLIP model): callers run
     them before generating or writing anything. Returns the parsed metrics."""
     metrics = parse_metrics(metrics)
-    if any(m in ("fid", "kid", "fd_digits") for m in metrics):
+    if _REF_METRICS & set(metrics):
         _ref_kind(ref)
     if "clip" in metrics:
         if not clip_model:
@@ -181,8 +187,9 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
              batch_size: int = 50) -> dict:
     """Compute ``metrics`` for uint8 NHWC samples against ``ref`` (see the module docstring).
 
-    Returns ``{metric: value, ..., "kid_std", "num_samples", "num_ref", "preprocessing": {...}, "warning"}``;
-    ``warning`` is None unless the sample counts make a number unreliable.
+    Returns ``{metric: value, ..., "kid_std", "pr_num", "num_samples", "num_ref", "preprocessing": {...},
+    "warning"}`` (``pr_num``: the equal set size precision / recall were computed at); ``warning`` is None unless
+    the sample counts make a number unreliable.
     """
     metrics = check_request(ref, metrics, clip_model)
     device = torch.device(device or "cpu")
@@ -199,11 +206,11 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
         if prompts is None or len(prompts) != n:
             raise UserError(f"metric 'clip' needs one prompt per sample ({n} samples, "
                             f"{0 if prompts is None else len(prompts)} prompts)")
-    digit_metrics = [m for m in metrics if m in ("fd_digits", "accuracy", "grain")]
+    digit_metrics = [m for m in metrics if m in _DIGITS_METRICS | {"grain"}]
     if digit_metrics and images.shape[1:3] != (16, 16):
         raise UserError(f"{', '.join(digit_metrics)}: digits16 metrics, need 16x16 samples, got "
                         f"{images.shape[1]}x{images.shape[2]}; drop them from --metrics for other data")
-    needs_ref = [m for m in metrics if m in ("fid", "kid", "fd_digits")]
+    needs_ref = [m for m in metrics if m in _REF_METRICS]
     kind, ref_images, stats_path = _resolve_ref(ref, images) if needs_ref else ("none", None, None)
     if kind == "stats":
         bad = [m for m in needs_ref if m != "fid"]
@@ -234,14 +241,20 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
                 result["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
             if "kid" in metrics:
                 result["kid"], result["kid_std"] = kid(feats, feats_r)
-        if "fd_digits" in metrics or "accuracy" in metrics:
+            if {"precision", "recall"} & set(metrics):
+                result["precision"], result["recall"], result["pr_num"] = precision_recall(feats, feats_r)
+        if _DIGITS_METRICS & set(metrics):
             from .digits_net import digits_preprocessing, load_digits_classifier
 
             net = load_digits_classifier(device)
             prep["digits"] = digits_preprocessing()
-            if "fd_digits" in metrics:
+            if {"fd_digits", "precision_digits", "recall_digits"} & set(metrics):
                 f, f_r = net.features(images), net.features(ref_images)
+            if "fd_digits" in metrics:
                 result["fd_digits"] = frechet_distance(*feature_stats(f), *feature_stats(f_r))
+            if {"precision_digits", "recall_digits"} & set(metrics):
+                p, r, result["pr_num"] = precision_recall(f, f_r)
+                result["precision_digits"], result["recall_digits"] = p, r
             if "accuracy" in metrics:
                 result["accuracy"] = float((net.predict(images) == labels).mean())
         if "grain" in metrics:
@@ -260,8 +273,9 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
         warnings.warn(x.message, x.category, stacklevel=2)
 
     ordered = {m: result[m] for m in metrics if m in result}
-    if "kid_std" in result:
-        ordered["kid_std"] = result["kid_std"]
+    for extra in ("kid_std", "pr_num"):  # KID's standard error; the set size precision/recall used
+        if extra in result:
+            ordered[extra] = result[extra]
     ordered.update(num_samples=n, num_ref=n_ref, preprocessing=prep,
                    warning=_small_n_warning(n, n_ref if n_ref is not None else n, metrics))
     return ordered

@@ -368,12 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a.set_defaults(func=cmd_average)
 
-    e = sub.add_parser("eval", help="FID / KID / FD-digits / accuracy / grain / CLIP score",
+    from stepdistill.eval.harness import METRICS
+
+    e = sub.add_parser("eval", help="FID / KID / precision / recall / FD-digits / accuracy / grain / CLIP score",
                        description="Evaluate a pipeline (sampled here) or a samples.npz; writes OUT/metrics.json.")
     e.add_argument("source", help="pipeline folder, 'digits16', or a samples .npz")
     e.add_argument("--ref", default="digits16", help="digits16, a stats .npz (mu, sigma) or an image folder")
-    e.add_argument("--metrics", default="fid,kid,fd_digits,accuracy,grain",
-                   help="comma list of fid, kid, fd_digits, accuracy, grain, clip")
+    e.add_argument("--metrics", default=",".join(m for m in METRICS if m != "clip"),
+                   help=f"comma list of {', '.join(METRICS)} (precision/recall: Kynkaenniemi et al. 2019, k = 3, in "
+                        "Inception space; *_digits: in the digits classifier's)")
     e.add_argument("--clip-model", help="local CLIP model folder for the clip metric")
     e.add_argument("--degrain", action="store_true",
                    help="digits16 diagnostic: evaluate the samples with their grain (the part off the space of "

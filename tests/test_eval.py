@@ -336,3 +336,53 @@ def test_stats_command_matches_the_folder_reference(digits, tmp_path, monkeypatc
     assert main(["stats", str(folder), "--resolution", "16", "--out", str(out)]) == 2
     assert main(["stats", str(tmp_path / "nope"), "--resolution", "16", "--out", str(tmp_path / "x.npz")]) == 2
     assert out.read_bytes() == before and not (tmp_path / "x.npz").exists()
+
+
+# --- precision / recall (Kynkaenniemi et al. 2019, k = 3) ----------------------------------------------------------
+def _brute_precision_recall(fake, real, k=3):
+    """The definition, written out with Python loops: a point is covered by a set if it lies within the k-th
+    nearest-neighbour distance (within that set) of one of the set's points."""
+    def radius(points, i):
+        return sorted(float(np.linalg.norm(points[i] - points[j])) for j in range(len(points)) if j != i)[k - 1]
+
+    def covered(x, points):
+        return any(np.linalg.norm(x - points[i]) <= radius(points, i) for i in range(len(points)))
+
+    return (np.mean([covered(f, real) for f in fake]), np.mean([covered(r, fake) for r in real]))
+
+
+def test_precision_recall_follow_the_definition_and_see_a_dropped_mode():
+    from stepdistill.eval.precision_recall import precision_recall
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(40, 5)), rng.normal(size=(40, 5)) * 1.3 + 0.3
+    p, r, n = precision_recall(fake, real)
+    assert n == 40 and (p, r) == pytest.approx(_brute_precision_recall(fake, real), abs=1e-12)
+    assert p < 1  # the wider model strays outside the data (and covers all of it: r may be 1)
+    assert precision_recall(real, real)[:2] == (1.0, 1.0)
+    # Two far-apart modes in the data; a model that only makes the first: realistic (precision ~1), half coverage.
+    two = np.concatenate([rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) + 50])
+    one = rng.normal(size=(400, 4))
+    p, r, _ = precision_recall(one, two)
+    assert p > 0.9 and 0.4 < r < 0.55
+    # Unequal sizes: the larger set is subsampled to the smaller's size.
+    assert precision_recall(one, two[:100])[2] == 100
+
+
+def test_eval_reports_precision_and_recall_in_both_feature_spaces(digits, monkeypatch, tmp_path):
+    import stepdistill.eval.harness as harness
+
+    proj = np.random.default_rng(1).normal(size=(3 * 16 * 16, 64)).astype(np.float32)
+    monkeypatch.setattr(harness, "inception_features", lambda images, device, batch_size=50, progress=True, desc="":
+                        images.reshape(len(images), -1).astype(np.float32) @ proj)
+    monkeypatch.setattr(harness, "_digits16_inception_features", lambda device, batch_size:
+                        harness.inception_features(np.repeat(digits[0], 3, axis=-1), device))
+    ones = np.repeat(digits[0][digits[1] == 1][:60], 3, axis=-1)  # a "model" that only draws ones
+    res = evaluate(ones, None, None, ref="digits16", metrics="precision,recall,precision_digits,recall_digits")
+    assert res["pr_num"] == 60
+    assert res["precision_digits"] > 0.9 and res["recall_digits"] < 0.3  # realistic, but one class of ten
+    assert 0 <= res["precision"] <= 1 and res["recall"] < 0.5
+    stats = tmp_path / "stats.npz"
+    save_stats(stats, np.zeros(64), np.eye(64))
+    with pytest.raises(UserError, match="precision need reference images"):
+        evaluate(ones, None, None, ref=str(stats), metrics="precision")

@@ -199,9 +199,11 @@ def run_real_floor(out: str | Path, num_samples: int = 500, overwrite: bool = Fa
 def run_distillation_report(method: str, configs: list[tuple[str, str]], out: str | Path,
                             overrides: list[str] | None = None, num_samples: int = 500, overwrite: bool = False,
                             device=None, seed: int = 0, student_steps: list[int] | None = None,
-                            teacher_steps: tuple[int, ...] = (4, 1), metrics: list[str] = METRICS) -> list[dict]:
+                            teacher_steps: tuple[int, ...] = (4, 1), metrics: list[str] = METRICS,
+                            comparisons: list[tuple[str, str]] | None = None) -> list[dict]:
     """The main job: distill the teacher with each ``(label, config)``, then evaluate every student against the
-    teacher at equal N, side by side.
+    teacher at equal N, side by side. ``comparisons`` are ``(label, config)`` rows of other methods (each config
+    names its method), trained and evaluated the same way; each row reports its training wall time.
 
     Students are sampled at their trained timesteps, or at each of ``student_steps`` (LCM-type schedulers).
     Writes ``out/<label>/`` (each training run), ``out/report.md``, ``out/metrics.json``, per-row grids, a
@@ -213,6 +215,7 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
 
     _check_num_samples(num_samples)
     cfgs = [(label, path, load_config(path, overrides, method=method)) for label, path in configs]  # errors first
+    cfgs += [(label, path, load_config(path, overrides)) for label, path in comparisons or []]
     if len({c.teacher for _, _, c in cfgs}) != 1:
         raise UserError("all configs of one report must distill the same teacher")
     out_dir = prepare_out_dir(out, overwrite)
@@ -245,8 +248,21 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
                 parts.append(f"{key} {_cell(r, key)} vs {_cell(ref, key)} ({'beats or ties' if ok else 'worse'})")
         parts.append(f"{r['samples_per_s'] / ref['samples_per_s']:.1f}x faster")
         goals.append(f"- {r['name']}: " + ", ".join(parts))
+    if comparisons:  # each of the method's own rows against each comparison row
+        labels = {label for label, _ in comparisons}
+        own = [r for r in rows[1 + len(teacher_steps):] if not any(r["name"].startswith(x) for x in labels)]
+        other = [r for r in rows[1 + len(teacher_steps):] if any(r["name"].startswith(x) for x in labels)]
+        for a in own:
+            for b in other:
+                parts = [f"train time {a['train_minutes']:.1f} / {b['train_minutes']:.1f} min "
+                         f"({a['train_minutes'] / b['train_minutes']:.2f}x)"]
+                for key in ("fid", "kid", "precision", "recall", "accuracy"):
+                    if a.get(key) is not None and b.get(key) is not None:
+                        ratio = f" ({a[key] / b[key]:.2f}x)" if key in ("fid", "kid") and b[key] else ""
+                        parts.append(f"{key} {_cell(a, key)} vs {_cell(b, key)}{ratio}")
+                goals.append(f"- {a['name']} vs {b['name']}: " + ", ".join(parts))
     schedules = "; ".join(f"{r['name']} {r['timesteps'] or 'scheduler rule'}" for r in rows[1 + len(teacher_steps):])
-    trained = "; ".join(f"{label}: `stepdistill train {method} --config {path}` ({c.train.max_steps} steps, "
+    trained = "; ".join(f"{label}: `stepdistill train {c.method} --config {path}` ({c.train.max_steps} steps, "
                         f"{train_seconds[label] / 60:.1f} min)" for label, path, c in cfgs)
     notes = (f"Teacher `{cfgs[0][2].teacher}`. Students: {trained}"
              f"{'; overrides ' + ' '.join(overrides) if overrides else ''}. N = {num_samples} samples per row "
@@ -255,7 +271,8 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
              "relative to the "
              f"teacher's 50-step CFG row, measured in this run. Total wall time {wall / 60:.1f} min. Student "
              f"timesteps: {schedules}.\n\n"
-             "Student vs teacher 50-step CFG:\n" + "\n".join(goals) + "\n\nFiles: `grids_side_by_side.png`, "
+             "Students vs the teacher's 50-step CFG row (and vs the comparison rows):\n" + "\n".join(goals)
+             + "\n\nFiles: `grids_side_by_side.png`, "
              "`grid_*.png`, `losses_*.png`, one training run folder per student (its `pipeline/` is the student).")
     table = _write(out_dir, f"digits16: {method} students vs their teacher", rows, notes,
                    {"num_samples": num_samples, "seed": seed, "teacher": cfgs[0][2].teacher,

@@ -254,7 +254,10 @@ DISTILL_BENCHES = {
     "dmd2": ("dmd2", [("dmd2 student", "digits16_dmd2")], None),
     "consistency": ("consistency", [("lcm", "digits16_lcm"), ("lcm-lora", "digits16_lcm_lora"),
                                     ("multiphase", "digits16_multiphase")], [1, 2, 4]),
+    "vsd": ("vsd", [("vsd student", "digits16_vsd")], None),
 }
+# Rows of another method trained beside a benchmark's own for comparison (kept when --config replaces the latter).
+COMPARISON_ROWS = {"vsd": [("dmd2 student", "digits16_dmd2")]}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -300,7 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     bench.run_distillation_report(method, configs, args.out, args.overrides, num_samples=args.num_samples,
                                   overwrite=args.overwrite, device=device, student_steps=steps,
-                                  teacher_steps=bench.teacher_step_counts(steps))
+                                  teacher_steps=bench.teacher_step_counts(steps),
+                                  comparisons=COMPARISON_ROWS.get(args.which, []))
     return 0
 
 

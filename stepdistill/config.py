@@ -399,9 +399,12 @@ def field_help(cls: type) -> dict[str, str]:
     import re
     import textwrap
 
+    out: dict[str, str] = {}
+    for base in cls.__mro__[1:][::-1]:  # a config subclass inherits its base's keys, with their help
+        if dataclasses.is_dataclass(base):
+            out.update(field_help(base))
     lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     field_re = re.compile(r"^    (\w+)\s*:")
-    out: dict[str, str] = {}
     block: list[str] = []
     current = ""
     for line in lines[1:]:

@@ -86,3 +86,19 @@ def test_real_floor(tmp_path):
     assert row["num_samples"] == 200 and row["accuracy"] > 0.95
     with pytest.raises(Exception, match="at most 1797"):
         bench.run_real_floor(tmp_path / "g", num_samples=5000, metrics=["accuracy"])
+
+
+def test_vsd_report_trains_dmd2_beside_it(tiny_teacher, tmp_path):
+    """`bench vsd`: the VSD student and a DMD2 student (each config names its method) in one report, with the
+    training wall time of each and the VSD-vs-DMD2 comparison line."""
+    overrides = [f"teacher={tiny_teacher}", "train.max_steps=2", "train.tracker=none", "train.log_every=1",
+                 "train.checkpoint_every=0", "train.sample_every=0", "data.batch_size=4"]
+    rows = bench.run_distillation_report("vsd", [("vsd student", "digits16_vsd")], tmp_path / "r", overrides,
+                                         num_samples=10, teacher_steps=(1,), metrics=["accuracy"],
+                                         comparisons=[("dmd2 student", "digits16_dmd2")])
+    assert [r["name"] for r in rows] == ["teacher 50-step CFG", "teacher 1-step", "vsd student 1-step",
+                                         "dmd2 student 1-step"]
+    assert all(r["train_minutes"] > 0 for r in rows[2:])
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "vsd student 1-step vs dmd2 student 1-step: train time" in report
+    assert "stepdistill train dmd2 --config digits16_dmd2" in report

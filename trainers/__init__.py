@@ -11,6 +11,7 @@ METHODS: dict[str, str] = {
     "teacher": "stepdistill.trainers.teacher:TeacherMethod",
     "dmd2": "stepdistill.trainers.dmd2:DMD2Method",
     "consistency": "stepdistill.trainers.consistency:ConsistencyMethod",
+    "vsd": "stepdistill.trainers.vsd:VSDMethod",
 }
 
 

@@ -29,16 +29,19 @@ METRICS = list(TABLE_METRICS)
 
 
 def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_dir: Path, seed: int = 0,
-            batch_size: int = 250, device=None, metrics: list[str] = METRICS) -> tuple[dict, np.ndarray]:
-    """Sample one configuration (a student at its recorded schedule for ``steps``, if any), evaluate it, save its
-    grid; returns (row, images)."""
+            batch_size: int = 250, device=None, metrics: list[str] = METRICS, teacher=None,
+            teacher_steps: int = 0) -> tuple[dict, np.ndarray]:
+    """Sample one configuration (a student at its recorded schedule for ``steps``, if any; with ``teacher_steps``
+    the teacher's first steps at CFG ``TEACHER_GUIDANCE``, then the student), evaluate it, save its grid; returns
+    (row, images)."""
     from stepdistill.eval.generation import generate
     from stepdistill.eval.harness import evaluate
 
-    res = generate(pipe, num_samples, steps, guidance, seed, batch_size)
+    res = generate(pipe, num_samples, steps, guidance, seed, batch_size, teacher=teacher, teacher_steps=teacher_steps,
+                   teacher_guidance=TEACHER_GUIDANCE)
     save_grid(res["images"][:100], out_dir / f"grid_{name.replace(' ', '_')}.png", nrow=10)
     values = evaluate(res["images"], res["labels"], None, ref="digits16", metrics=metrics, device=device)
-    nfe = steps * (2 if guidance != 1.0 else 1)
+    nfe = steps * (2 if guidance != 1.0 else 1) + 2 * teacher_steps
     row = {"name": name, "steps": steps, "guidance": guidance, "nfe": nfe,
            "samples_per_s": num_samples / res["seconds"], "timesteps": res["timesteps"], **values}
     return row, res["images"]
@@ -200,10 +203,13 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
                             overrides: list[str] | None = None, num_samples: int = 500, overwrite: bool = False,
                             device=None, seed: int = 0, student_steps: list[int] | None = None,
                             teacher_steps: tuple[int, ...] = (4, 1), metrics: list[str] = METRICS,
-                            comparisons: list[tuple[str, str]] | None = None) -> list[dict]:
+                            comparisons: list[tuple[str, str]] | None = None,
+                            diversity_steps: tuple[int, ...] = ()) -> list[dict]:
     """The main job: distill the teacher with each ``(label, config)``, then evaluate every student against the
     teacher at equal N, side by side. ``comparisons`` are ``(label, config)`` rows of other methods (each config
     names its method), trained and evaluated the same way; each row reports its training wall time.
+    ``diversity_steps``: extra rows of the method's own students sampled with diversity distillation (the teacher
+    takes the first K steps at CFG ``TEACHER_GUIDANCE``), one per K.
 
     Students are sampled at their trained timesteps, or at each of ``student_steps`` (LCM-type schedulers).
     Writes ``out/<label>/`` (each training run), ``out/report.md``, ``out/metrics.json``, per-row grids, a
@@ -229,12 +235,20 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
         students.append((label, load_pipeline(str(run / "pipeline"), device=device)))
     teacher = load_pipeline(cfgs[0][2].teacher, device=device)
     rows, named = _teacher_rows(teacher, (50, *teacher_steps), num_samples, out_dir, seed, device, metrics)
+    own_labels = {label for label, _ in configs}
     for label, pipe in students:
         for name, k in _student_rows(pipe, label, student_steps):
             row, images = measure(pipe, name, k, 1.0, num_samples, out_dir, seed, device=device, metrics=metrics)
             row["train_minutes"] = train_seconds[label] / 60
             rows.append(row)
             named.append((name, images))
+            for kt in diversity_steps if label in own_labels else ():
+                hname = f"{name} + teacher {kt}-step"
+                row, images = measure(pipe, hname, k, 1.0, num_samples, out_dir, seed, device=device,
+                                      metrics=metrics, teacher=teacher, teacher_steps=kt)
+                row["train_minutes"] = train_seconds[label] / 60
+                rows.append(row)
+                named.append((hname, images))
     side_by_side(named, out_dir / "grids_side_by_side.png")
     wall = time.perf_counter() - t0
     ref = rows[0]

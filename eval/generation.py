@@ -80,7 +80,7 @@ def parse_timesteps(text: str | None, pipe) -> list[int] | None:
 @torch.inference_mode()
 def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: int = 0, batch_size: int = 100,
              prompts: list[str] | None = None, timesteps: list[int] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, teacher=None, teacher_steps: int = 0, teacher_guidance: float = 2.0) -> dict:
     """Generate ``num_samples`` images; returns ``images`` (uint8 NHWC), ``labels`` or ``prompts``, ``seconds`` and
     ``timesteps`` (the explicit schedule used: ``timesteps``, else the pipeline's recorded one for ``steps``, else
     None for the scheduler's own rule) or ``sigmas`` (a flow-matching student's recorded noise levels, for the stock
@@ -88,13 +88,23 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
 
     ``seconds`` is the wall time of all network work (first batch included), so samples/second is honest
     end-to-end throughput at this batch size.
+
+    ``teacher_steps > 0`` (with ``teacher``): diversity distillation, the teacher's first steps then the student
+    (:func:`stepdistill.pipelines.diversity.hybrid_sample`); ``timesteps`` then holds the whole hybrid schedule.
     """
     if num_samples < 1:
         raise UserError("--num-samples must be at least 1")
     if steps < 1 and timesteps is None:
         raise UserError("--steps must be at least 1")
     sigmas = None
-    if timesteps is None:  # a student's recorded schedule for this step count, if it has one
+    if teacher_steps:
+        from stepdistill.pipelines.diversity import hybrid_sample, hybrid_schedule
+
+        student_steps = len(pipe.scheduler.config.get("student_timesteps") or [None])
+        flow = "FlowMatch" in type(pipe.scheduler).__name__
+        timesteps = hybrid_schedule(int(pipe.scheduler.config.get("num_train_timesteps", 1000)), teacher_steps,
+                                    student_steps, flow)
+    elif timesteps is None:  # a student's recorded schedule for this step count, if it has one
         from stepdistill.pipelines import recorded_schedule
 
         recorded = recorded_schedule(pipe, steps)
@@ -115,6 +125,14 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         idx = range(start, min(start + batch_size, num_samples))
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in idx]
         common = {"generator": gens, "output_type": "np"}
+        if teacher_steps:
+            size = None if kind == "class" else pipe.default_sample_size * pipe.vae_scale_factor
+            res = hybrid_sample(pipe, teacher, teacher_steps, teacher_guidance, gens,
+                                labels=None if labels is None else torch.as_tensor(labels[start: start + len(idx)]),
+                                prompts=None if prompts is None else prompts[start: start + len(idx)],
+                                resolution=size, output_type="np")
+            out.append((np.asarray(res.images) * 255).round().clip(0, 255).astype(np.uint8))
+            continue
         if timesteps is not None:
             common["timesteps"] = list(timesteps)
         elif sigmas is not None:

@@ -72,6 +72,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         timesteps: list[int] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate one image per entry of ``class_labels``.
 
@@ -82,6 +83,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             generator: one generator, or one per image (then every image is independent of the batch size).
             timesteps: explicit descending timesteps, for schedulers that accept them (e.g. ``LCMScheduler``).
             output_type: "pil", "np" (float NHWC in [0, 1]) or "pt" (NCHW in [-1, 1]).
+            latents: the starting point (N, C, H, W) at the first timestep instead of fresh noise, as diffusers
+                pipelines take it (e.g. a teacher's intermediate sample for diversity distillation).
         """
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -92,8 +95,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (n, self.unet.config.in_channels, *size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        if latents is None:
+            x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            x = latents.to(device=device, dtype=dtype)
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=list(timesteps), device=device)
         else:

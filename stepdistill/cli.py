@@ -131,6 +131,23 @@ def _check_steps(args: argparse.Namespace) -> None:
         raise UserError("sampling a pipeline needs --steps N (or --timesteps T1,T2,...)")
 
 
+def _diversity_args(args: argparse.Namespace, pipe) -> dict:
+    """The teacher and step count of diversity distillation (--teacher-steps), checked before anything is
+    written; {} when it is off."""
+    if not args.teacher_steps:
+        if args.teacher:
+            raise UserError("--teacher is used with --teacher-steps K (diversity distillation); pass both or neither")
+        return {}
+    if args.teacher_steps < 0:
+        raise UserError(f"--teacher-steps must be 1 or more, got {args.teacher_steps}")
+    if args.timesteps:
+        raise UserError("--teacher-steps sets the schedule itself (K teacher steps + the student's); drop --timesteps")
+    from stepdistill.pipelines.diversity import load_teacher_for
+
+    teacher = load_teacher_for(pipe, args.teacher, device=_device(args.device))
+    return {"teacher": teacher, "teacher_steps": args.teacher_steps, "teacher_guidance": args.teacher_guidance}
+
+
 # --- sample -----------------------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
     from stepdistill.eval.generation import generate, parse_timesteps, read_prompts, save_samples, swap_scheduler
@@ -141,9 +158,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     pipe = swap_scheduler(load_pipeline(args.pipeline, device=_device(args.device), base=args.base), args.scheduler)
     timesteps = parse_timesteps(args.timesteps, pipe)
+    hybrid = _diversity_args(args, pipe)
     out = prepare_out_dir(args.out, args.overwrite)
     res = generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, prompts=prompts,
-                   timesteps=timesteps)
+                   timesteps=timesteps, **hybrid)
     save_samples(out / "samples.npz", res, pipeline=args.pipeline, steps=args.steps, guidance=args.guidance,
                  seed=args.seed, scheduler=type(pipe.scheduler).__name__,
                  timesteps=",".join(map(str, res["timesteps"] or [])))
@@ -186,9 +204,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if source.endswith(".npz"):
         if not Path(source).is_file():
             raise UserError(f"samples file '{source}' does not exist")
-        if args.steps is not None or args.timesteps is not None or args.base is not None:
-            raise UserError("--steps / --timesteps / --base apply when sampling a pipeline; a samples file is "
-                            "evaluated as is")
+        if (args.steps is not None or args.timesteps is not None or args.base is not None or args.teacher_steps
+                or args.teacher):
+            raise UserError("--steps / --timesteps / --base / --teacher-steps apply when sampling a pipeline; a "
+                            "samples file is evaluated as is")
         samples = gen.load_samples(source)
         if args.degrain:  # refuses non-digits16 samples before anything is written
             samples["images"] = _degrain(samples["images"])
@@ -203,8 +222,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              or getattr(getattr(pipe, "unet", None), "config", {}).get("sample_size") != 16):
             raise UserError(f"--degrain is defined for 16x16 digits16 samples; '{source}' does not make them: "
                             "drop --degrain for other pipelines")
+        hybrid = _diversity_args(args, pipe)
         samples = gen.generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size,
-                               prompts=prompts, timesteps=timesteps)
+                               prompts=prompts, timesteps=timesteps, **hybrid)
+        if hybrid:
+            row.update(teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance)
         raw = dict(samples)
         for key in ("timesteps", "sigmas"):
             if samples[key]:
@@ -258,6 +280,8 @@ DISTILL_BENCHES = {
 }
 # Rows of another method trained beside a benchmark's own for comparison (kept when --config replaces the latter).
 COMPARISON_ROWS = {"vsd": [("dmd2 student", "digits16_dmd2")]}
+# Teacher step counts of diversity-distillation rows (the teacher's first K steps, then the student).
+DIVERSITY_ROWS = {"vsd": (1, 2)}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -304,7 +328,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.run_distillation_report(method, configs, args.out, args.overrides, num_samples=args.num_samples,
                                   overwrite=args.overwrite, device=device, student_steps=steps,
                                   teacher_steps=bench.teacher_step_counts(steps),
-                                  comparisons=COMPARISON_ROWS.get(args.which, []))
+                                  comparisons=COMPARISON_ROWS.get(args.which, []),
+                                  diversity_steps=DIVERSITY_ROWS.get(args.which, ()))
     return 0
 
 
@@ -353,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--scheduler", help="swap in another diffusers scheduler class, e.g. EulerDiscreteScheduler")
         q.add_argument("--prompts", help="prompt file (text-to-image pipelines)")
         q.add_argument("--base", help="base pipeline of a LoRA export (default: the base it records)")
+        q.add_argument("--teacher-steps", type=int, default=0,
+                       help="diversity distillation: the teacher takes the first K steps (CFG --teacher-guidance) of "
+                            "a trailing schedule of K + the student's steps, the student the rest (default 0: off)")
+        q.add_argument("--teacher", help="teacher pipeline for --teacher-steps (default: the one the student records)")
+        q.add_argument("--teacher-guidance", type=float, default=2.0,
+                       help="the teacher's CFG scale for --teacher-steps (default 2.0, the digits16 teacher's)")
         q.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

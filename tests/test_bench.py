@@ -95,9 +95,10 @@ def test_vsd_report_trains_dmd2_beside_it(tiny_teacher, tmp_path):
                  "train.checkpoint_every=0", "train.sample_every=0", "data.batch_size=4"]
     rows = bench.run_distillation_report("vsd", [("vsd student", "digits16_vsd")], tmp_path / "r", overrides,
                                          num_samples=10, teacher_steps=(1,), metrics=["accuracy"],
-                                         comparisons=[("dmd2 student", "digits16_dmd2")])
+                                         comparisons=[("dmd2 student", "digits16_dmd2")], diversity_steps=(1,))
     assert [r["name"] for r in rows] == ["teacher 50-step CFG", "teacher 1-step", "vsd student 1-step",
-                                         "dmd2 student 1-step"]
+                                         "vsd student 1-step + teacher 1-step", "dmd2 student 1-step"]
+    assert rows[3]["nfe"] == 3 and rows[3]["timesteps"] == [999, 499]  # two teacher calls (CFG) + the student
     assert all(r["train_minutes"] > 0 for r in rows[2:])
     report = (tmp_path / "r" / "report.md").read_text()
     assert "vsd student 1-step vs dmd2 student 1-step: train time" in report

@@ -163,3 +163,12 @@ def adapters(model: nn.Module, enabled: bool) -> Iterator[None]:
         if not enabled:
             for m in lora_layers(model):
                 m.enable_adapters(True)
+
+
+def teacher_reference(teacher: str) -> str:
+    """How an export records its teacher (``distilled_from`` in its scheduler config, a LoRA file's base): a local
+    folder as an absolute path (the export may be used from another working directory), an alias or hub id as
+    given."""
+    from pathlib import Path
+
+    return str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher

@@ -81,6 +81,7 @@ from .common import (
     cast_frozen,
     check_labels,
     load_teacher,
+    teacher_reference,
 )
 
 # Modules LCM-LoRA adapts (those present in the network are used): attention projections and feed-forwards of
@@ -492,7 +493,8 @@ class ConsistencyMethod(Method):
             sched = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, **common)
         sched.register_to_config(student_timesteps=self.student_timesteps(),
                                  consistency_segments=self.final_segments,
-                                 sample_timesteps=self.sample_schedules())
+                                 sample_timesteps=self.sample_schedules(),
+                                 distilled_from=teacher_reference(self.run_config.teacher))
         if self.teacher.is_flow:  # the same schedules as noise levels: the stock SD3 / Flux pipelines take sigmas=
             sched.register_to_config(student_sigmas=self._sigmas(self.student_timesteps()),
                                      sample_sigmas=[self._sigmas(ts) for ts in self.sample_schedules()])
@@ -572,10 +574,8 @@ class ConsistencyMethod(Method):
         (out_dir / "README.md").write_text(self._model_card(out_dir))
 
     def lora_base(self) -> str:
-        """The teacher as the LoRA export records its base: a local folder as an absolute path (the export may be
-        used from another working directory), an alias or hub id as given."""
-        teacher = self.run_config.teacher
-        return str(Path(teacher).resolve()) if Path(teacher).is_dir() else teacher
+        """The teacher as the LoRA export records its base (see common.teacher_reference)."""
+        return teacher_reference(self.run_config.teacher)
 
     def _model_card(self, out_dir: Path) -> str:
         from stepdistill.pipelines.lora import lora_base

@@ -30,7 +30,15 @@ from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
 
 from .base import Method, Phase
-from .common import adapters, add_lora, cast_frozen, check_labels, init_student_weights, load_teacher
+from .common import (
+    adapters,
+    add_lora,
+    cast_frozen,
+    check_labels,
+    init_student_weights,
+    load_teacher,
+    teacher_reference,
+)
 
 # Guard for the per-sample normaliser mean|x0 - x0_real| of the distribution-matching gradient.
 _NORM_EPS = 1e-6
@@ -317,7 +325,8 @@ class ScoreDistillationMethod(Method):
                                                                 use_dynamic_shifting=False,
                                                                 stochastic_sampling=len(ts) > 1)
             sched.register_to_config(student_timesteps=ts,
-                                     student_sigmas=[t / self.teacher.num_train_timesteps for t in ts])
+                                     student_sigmas=[t / self.teacher.num_train_timesteps for t in ts],
+                                     distilled_from=teacher_reference(self.run_config.teacher))
             return sched
         from diffusers import LCMScheduler
 
@@ -331,7 +340,7 @@ class ScoreDistillationMethod(Method):
             if sched.timesteps.tolist() == ts:
                 sched.register_to_config(original_inference_steps=n)
                 break
-        sched.register_to_config(student_timesteps=ts)
+        sched.register_to_config(student_timesteps=ts, distilled_from=teacher_reference(self.run_config.teacher))
         return sched
 
     def sampling_kwargs(self) -> dict:

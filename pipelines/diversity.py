@@ -1,0 +1,106 @@
+"""Diversity distillation at inference (Gandikota & Bau 2025, "Distilling Diversity and Control in Diffusion
+Models"): the teacher takes the first step(s), which decide the composition, and the distilled student the rest.
+
+One-step students lose diversity (recall) first; letting the teacher (with CFG) make the first ``K`` steps of a
+trailing schedule and handing its intermediate sample to the student brings it back at ``2 K`` extra network calls
+per sample. The schedule has ``K + S`` points (``S`` = the student's own step count), e.g. a one-step student with
+one teacher step: the teacher goes from t = 999 to 499 (DDIM, or Euler for flow teachers), the student predicts
+the sample from t = 499. The student is run by its own pipeline (``latents=`` and ``timesteps=`` / ``sigmas=``), so
+any exported student works: our class-conditional pipeline, SD / SDXL (``timesteps``), SD3 / Flux (``sigmas``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stepdistill.errors import UserError
+
+
+def teacher_of(student: Any) -> str:
+    """Where an exported student's teacher is (recorded at export as ``distilled_from`` in its scheduler config);
+    a UserError if the export does not say."""
+    ref = getattr(student.scheduler, "config", {}).get("distilled_from")
+    if not ref:
+        raise UserError("this pipeline does not record its teacher (exported by an older stepdistill, or not a "
+                        "distilled student): pass the teacher with --teacher PIPELINE")
+    return str(ref)
+
+
+def hybrid_schedule(num_train_timesteps: int, teacher_steps: int, student_steps: int, flow: bool) -> list[int]:
+    """The ``teacher_steps + student_steps`` trailing timesteps, descending (flow: in [1, T], from T)."""
+    n = teacher_steps + student_steps
+    if flow:
+        return [num_train_timesteps - j * num_train_timesteps // n for j in range(n)]
+    return [num_train_timesteps - 1 - j * (num_train_timesteps // n) for j in range(n)]
+
+
+def _student_steps(student: Any) -> int:
+    cfg = student.scheduler.config
+    recorded = cfg.get("student_timesteps") or []
+    if not recorded:
+        raise UserError("diversity distillation needs a distilled student (its scheduler records "
+                        "student_timesteps); this pipeline has none")
+    return len(recorded)
+
+
+@torch.no_grad()
+def hybrid_sample(student: Any, teacher: Any, teacher_steps: int, teacher_guidance: float,
+                  generators: list[torch.Generator], labels: torch.Tensor | None = None,
+                  prompts: list[str] | None = None, resolution: int | None = None,
+                  student_guidance: float | None = None, output_type: str = "np") -> Any:
+    """Samples of ``student`` whose first ``teacher_steps`` steps are the teacher's (CFG ``teacher_guidance``).
+
+    Args:
+        student, teacher: loaded pipelines of the same family (the student exported by stepdistill).
+        generators: one per sample; the initial noise and the student's re-noising draw from them.
+        labels / prompts: the conditions (class pipelines / text pipelines).
+        resolution: image side for text pipelines (class pipelines use their network's size).
+        student_guidance: ``guidance_scale`` for the student pipeline (default: 1, or Flux-dev's guidance input).
+    Returns: the student pipeline's output (``.images``).
+    """
+    from stepdistill.families import family_of
+
+    if teacher_steps < 1:
+        raise UserError(f"--teacher-steps must be at least 1, got {teacher_steps}")
+    n = len(generators)
+    family = family_of(teacher, "teacher", resolution=resolution)
+    den = family.denoiser(family.network)
+    device = next(family.network.parameters()).device
+    if family.classes is not None:
+        cond, uncond = family.classes.cond(labels.to(device)), family.classes.uncond(n, device)
+        size = family.network.config.sample_size
+    else:
+        if resolution is None:
+            raise UserError("diversity distillation of a text pipeline needs the image size (--resolution)")
+        cond, uncond = family.prompt_cond(list(prompts), device)
+        size = resolution
+    shape = family.noise_shape(n, size)
+    x = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
+    ts = hybrid_schedule(den.num_train_timesteps, teacher_steps, _student_steps(student), den.is_flow)
+    w = None if teacher_guidance == 1.0 else teacher_guidance
+    for t, t_next in zip(ts[:teacher_steps], ts[1: teacher_steps + 1]):
+        x = den.solver_step(x, torch.full((n,), t, device=device), t_next, cond, guidance_scale=w, uncond=uncond)
+    rest = ts[teacher_steps:]
+    takes_sigmas = "sigmas" in inspect.signature(student.__call__).parameters
+    when = ({"sigmas": [t / den.num_train_timesteps for t in rest]} if den.is_flow and takes_sigmas
+            else {"timesteps": rest})
+    if family.classes is not None:
+        return student(labels, generator=generators, latents=x, output_type=output_type, **when)
+    if student_guidance is None:
+        student_guidance = family.distilled_guidance_scale
+    return student(list(prompts), generator=generators, latents=x, output_type=output_type, height=resolution,
+                   width=resolution, guidance_scale=student_guidance, **when)
+
+
+def load_teacher_for(student: Any, teacher: str | None, device: Any = None) -> Any:
+    """The teacher pipeline to pair with ``student``: ``teacher`` if given, else the one its export records."""
+    from stepdistill.pipelines import load_pipeline
+
+    ref = teacher or teacher_of(student)
+    if not teacher and Path(ref).is_absolute() and not Path(ref).exists():
+        raise UserError(f"the teacher this student records ('{ref}') is not on this machine: pass --teacher")
+    return load_pipeline(ref, device=device)

@@ -7,6 +7,10 @@ allocator: on a GPU the peak of ``torch.cuda.max_memory_allocated`` during the s
 process's peak resident memory (``ru_maxrss``) from just after the imports to the end of the step. Both include the
 trainable copies, their gradients and AdamW states, which teacher_dtype does not touch, so the ratio shows what the
 option saves on a whole step, not on the frozen parts alone.
+
+A second table sets the score-distillation methods side by side, on the small SD pipeline and on the shipped
+digits16 teacher: DMD2 with a full fake score, DMD2 with a LoRA fake score and VSD (LoRA fake score of the same
+rank), each with its trainable parameters and AdamW state counted after the step, and its peak.
 """
 
 from __future__ import annotations
@@ -18,9 +22,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = [("dmd2", "digits16_dmd2", ["method_args.gan_weight_student=0", "method_args.gan_weight_critic=0"]),
+NO_GAN = ["method_args.gan_weight_student=0", "method_args.gan_weight_critic=0"]
+CONFIGS = [("dmd2", "digits16_dmd2", NO_GAN),
            ("lcm", "digits16_lcm", ["method_args.sample_timesteps=[]", "method_args.w_embedding_dim=0"])]
 DTYPES = ("float32", "bfloat16")
+# (label, method, recipe, overrides given the LoRA rank) of the score-distillation table; the LoRA rank is the VSD
+# reference's 64 on the small SD pipeline and the digits16 recipe's 8 on the digits16 teacher.
+SCORE_CONFIGS = [
+    ("dmd2, full fake score", "dmd2", "digits16_dmd2", lambda r: [*NO_GAN, "method_args.fake_score_lora_rank=0"]),
+    ("dmd2, LoRA fake score", "dmd2", "digits16_dmd2",
+     lambda r: [*NO_GAN, f"method_args.fake_score_lora_rank={r}", f"method_args.fake_score_lora_alpha={r}"]),
+    ("vsd (LoRA fake score)", "vsd", "digits16_vsd",
+     lambda r: [f"method_args.fake_score_lora_rank={r}", f"method_args.fake_score_lora_alpha={r}"]),
+]
 
 
 def build_small_sd(out: Path) -> str:
@@ -57,31 +71,50 @@ def build_small_sd(out: Path) -> str:
 
 
 def one_step(method: str, recipe: str, overrides: list[str], teacher: str, dtype: str, data: str) -> dict:
-    """Build the method and run one update of every phase; return the memory it took (MiB)."""
+    """Build the method and run one update of every phase; return the memory it took, the trainable parameters
+    and the AdamW state (MiB)."""
     import torch
 
     from stepdistill.config import load_config
     from stepdistill.trainers import get_method
 
     name = {"lcm": "consistency"}.get(method, method)
-    cfg = load_config(recipe, [f"teacher={teacher}", f"train.teacher_dtype={dtype}", "data.resolution=64",
+    digits = teacher == "digits16"
+    size = 16 if digits else 64
+    cfg = load_config(recipe, [f"teacher={teacher}", f"train.teacher_dtype={dtype}", f"data.resolution={size}",
                                "data.batch_size=4", f"data.source={data}", *overrides], method=name)
     cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
     base = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     m = get_method(name)(cfg)
     if cuda:
         m = m.cuda()
-    batch = {"image": torch.rand(4, 3, 64, 64, device="cuda" if cuda else "cpu") * 2 - 1,
-             "prompt": ["a red 1", "a blue 2", "a cat", "a dog"]}
+    if digits:
+        batch = {"image": torch.rand(4, 1, 16, 16, device=device) * 2 - 1, "label": torch.tensor([0, 3, 5, 9])}
+    else:
+        batch = {"image": torch.rand(4, 3, 64, 64, device=device) * 2 - 1,
+                 "prompt": ["a red 1", "a blue 2", "a cat", "a dog"]}
+    trainable, state = 0, 0
     for phase in m.phases():
         opt = torch.optim.AdamW(phase.params, lr=1e-6)
         loss, _ = m.loss(phase.name, batch, 0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        trainable += sum(p.numel() * p.element_size() for p in phase.params)
+        state += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                     if torch.is_tensor(t) and t.ndim > 0)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"method": method, "teacher_dtype": dtype, "peak_mib": (peak - base) / 2**20,
-            "device": "cuda" if cuda else "cpu"}
+    return {"method": method, "teacher_dtype": dtype, "peak_mib": (peak - base) / 2**20, "device": device,
+            "trainable_mib": trainable / 2**20, "optimizer_mib": state / 2**20}
+
+
+def _run(args: list) -> dict:
+    res = subprocess.run([sys.executable, "-m", "stepdistill.eval.bench_memory", json.dumps(args)],
+                         capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory bench {args[0]} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _data_folder(root: Path) -> str:
@@ -108,20 +141,30 @@ def run_memory_bench(out: str | Path, overwrite: bool = False) -> list[dict]:
         data = _data_folder(Path(tmp))
         for method, recipe, overrides in CONFIGS:
             for dtype in DTYPES:
-                args = json.dumps([method, recipe, overrides, teacher, dtype, data])
-                res = subprocess.run([sys.executable, "-m", "stepdistill.eval.bench_memory", args],
-                                     capture_output=True, text=True, timeout=1800)
-                if res.returncode != 0:
-                    raise RuntimeError(f"memory bench {method}/{dtype} failed:\n{res.stderr[-3000:]}")
-                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                rows.append(_run([method, recipe, overrides, teacher, dtype, data]))
+        score = []
+        for where, path, src, rank in (("small SD", teacher, data, 64), ("digits16", "digits16", "digits16", 8)):
+            for label, method, recipe, overrides in SCORE_CONFIGS:
+                score.append({"teacher": where, "label": label,
+                              **_run([method, recipe, overrides(rank), path, "float32", src])})
     lines = ["| method | frozen parts | peak MiB of one step | vs float32 |", "|---|---|---|---|"]
     for r in rows:
         ref = next(x for x in rows if x["method"] == r["method"] and x["teacher_dtype"] == "float32")
         lines.append(f"| {r['method']} | {r['teacher_dtype']} | {r['peak_mib']:.0f} | "
                      f"{r['peak_mib'] / ref['peak_mib']:.2f}x |")
+    table2 = ["| teacher | method | trainable MiB | AdamW state MiB | trainable + state vs DMD2 full | peak MiB | "
+              "peak vs DMD2 full |", "|---|---|---|---|---|---|---|"]
+    for r in score:
+        ref = next(x for x in score if x["teacher"] == r["teacher"] and x["label"].startswith("dmd2, full"))
+        held, ref_held = r["trainable_mib"] + r["optimizer_mib"], ref["trainable_mib"] + ref["optimizer_mib"]
+        table2.append(f"| {r['teacher']} | {r['label']} | {r['trainable_mib']:.1f} | {r['optimizer_mib']:.1f} | "
+                      f"{held / ref_held:.2f}x | {r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.2f}x |")
     text = ("One training step (every phase: loss, backward, AdamW update) on a small SD-type pipeline built in "
             f"code, batch 4 at 64 px, device {rows[0]['device']}; each row in a fresh process.\n\n"
-            + "\n".join(lines) + "\n")
+            + "\n".join(lines) + "\n\nScore distillation side by side (float32 frozen parts; the small SD pipeline "
+            "at 64 px with LoRA rank 64, the digits16 teacher at 16 px with LoRA rank 8; batch 4; no GAN head):\n\n"
+            + "\n".join(table2) + "\n")
+    rows += score
     (out / "memory.md").write_text(text)
     (out / "memory.json").write_text(json.dumps(rows, indent=2))
     print(text)

@@ -103,3 +103,20 @@ def test_vsd_report_trains_dmd2_beside_it(tiny_teacher, tmp_path):
     report = (tmp_path / "r" / "report.md").read_text()
     assert "vsd student 1-step vs dmd2 student 1-step: train time" in report
     assert "stepdistill train dmd2 --config digits16_dmd2" in report
+
+
+def test_memory_bench_counts_trainable_state_of_vsd_and_dmd2():
+    """One step of each score-distillation row on the shipped digits16 teacher: VSD holds one trainable network
+    plus adapters, DMD2 with a full fake score two; AdamW keeps two moments per trainable float."""
+    from stepdistill.eval.bench_memory import SCORE_CONFIGS, one_step
+
+    got = {label: one_step(method, recipe, overrides(8), "digits16", "float32", "digits16")
+           for label, method, recipe, overrides in SCORE_CONFIGS}
+    full, lora, vsd = (got[k] for k in ("dmd2, full fake score", "dmd2, LoRA fake score", "vsd (LoRA fake score)"))
+    from stepdistill.pipelines import load_pipeline
+
+    net_mib = sum(p.numel() for p in load_pipeline("digits16").unet.parameters()) * 4 / 2**20  # float32
+    assert full["trainable_mib"] == pytest.approx(2 * net_mib)
+    assert net_mib < vsd["trainable_mib"] < 1.2 * net_mib and vsd["trainable_mib"] == lora["trainable_mib"]
+    for r in got.values():
+        assert r["optimizer_mib"] == pytest.approx(2 * r["trainable_mib"])

@@ -3,6 +3,8 @@ the same computed by hand from the teacher network and the stock student pipelin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,27 @@ def test_cli_sample_with_teacher_steps_and_its_refusals(exported, tmp_path):
     assert main(["sample", student_dir, "--steps", "1", "--num-samples", "2", "--teacher", teacher_dir,
                  "--out", str(bad)]) == 2  # --teacher without --teacher-steps
     assert not bad.exists()
+
+
+
+def test_the_documented_stock_recipe_equals_hybrid_sample(tmp_path):
+    """The docs' recipe for stock SD pipelines (no stepdistill) gives what hybrid_sample gives, on a tiny SD
+    pipeline and its (perturbed) DMD2 student."""
+    from _tiny_sd import build_tiny_sd
+
+    teacher_dir = build_tiny_sd(tmp_path / "teacher")
+    method = get_method("dmd2")(load_config("digits16_dmd2", [
+        f"teacher={teacher_dir}", "data.resolution=16", "method_args.gan_weight_student=0",
+        "method_args.gan_weight_critic=0"]))
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    method.export(tmp_path / "student")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "README.md").read_text()
+    recipe = docs.split("<!-- BEGIN diversity_recipe -->")[1].split("```python")[1].split("```")[0]
+    ns: dict = {}
+    exec(recipe, ns)  # the docs' code block, as written there
+    stock = ns["diverse"](teacher_dir, str(tmp_path / "student"), ["a red 1"], 5, teacher_guidance=3.0)
+    ours = hybrid_sample(load_pipeline(str(tmp_path / "student")), load_pipeline(teacher_dir), 1, 3.0,
+                         [torch.Generator().manual_seed(5)], prompts=["a red 1"], resolution=16).images
+    np.testing.assert_allclose(stock, ours, atol=1e-4)

@@ -26,6 +26,10 @@ TEACHER_UNGUIDED_STEPS = 50
 TABLE_METRICS = ("fid", "kid", "precision", "recall", "fd_digits", "accuracy", "precision_digits", "recall_digits",
                  "grain")
 METRICS = list(TABLE_METRICS)
+# Column titles of the report tables.
+TABLE_HEADS = {"fid": "FID", "kid": "KID x1e3", "precision": "precision", "recall": "recall", "fd_digits": "FD-digits",
+               "accuracy": "accuracy", "precision_digits": "precision (digits)", "recall_digits": "recall (digits)",
+               "grain": "grain x1e3"}
 
 
 def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_dir: Path, seed: int = 0,
@@ -64,8 +68,8 @@ def _cell(r: dict, key: str) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """Rows as a GitHub markdown table; speed-up is relative to the first row."""
     ref = rows[0]["samples_per_s"]
-    lines = ["| model | steps | NFE | FID | KID x1e3 | FD-digits | accuracy | grain x1e3 | samples/s | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    heads = " | ".join(TABLE_HEADS[k] for k in TABLE_METRICS)
+    lines = [f"| model | steps | NFE | {heads} | samples/s | speed-up |", "|---" * (len(TABLE_METRICS) + 5) + "|"]
     for r in rows:
         cells = " | ".join(_cell(r, k) for k in TABLE_METRICS)
         lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {cells} | {r['samples_per_s']:.1f} | "
@@ -344,8 +348,8 @@ def run_training_curve(method: str, config: str, out: str | Path, milestones: li
     fig.tight_layout()
     fig.savefig(out_dir / "curve.png", dpi=110)
     plt.close(fig)
-    lines = ["| steps | training min | FID | KID x1e3 | FD-digits | accuracy | grain x1e3 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| steps | training min | " + " | ".join(TABLE_HEADS[k] for k in TABLE_METRICS) + " |",
+             "|---" * (len(TABLE_METRICS) + 2) + "|"]
     for r in rows:
         lines.append(f"| {r['train_steps']} | {r['train_minutes']:.1f} | " +
                      " | ".join(_cell(r, k) for k in TABLE_METRICS) + " |")

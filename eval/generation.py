@@ -98,12 +98,11 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         raise UserError("--steps must be at least 1")
     sigmas = None
     if teacher_steps:
-        from stepdistill.pipelines.diversity import hybrid_sample, hybrid_schedule
+        from stepdistill.pipelines.diversity import hybrid_sample, hybrid_schedule, student_timesteps_of
 
-        student_steps = len(pipe.scheduler.config.get("student_timesteps") or [None])
         flow = "FlowMatch" in type(pipe.scheduler).__name__
         timesteps = hybrid_schedule(int(pipe.scheduler.config.get("num_train_timesteps", 1000)), teacher_steps,
-                                    student_steps, flow)
+                                    student_timesteps_of(pipe), flow)
     elif timesteps is None:  # a student's recorded schedule for this step count, if it has one
         from stepdistill.pipelines import recorded_schedule
 
@@ -126,7 +125,8 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in idx]
         common = {"generator": gens, "output_type": "np"}
         if teacher_steps:
-            size = None if kind == "class" else pipe.default_sample_size * pipe.vae_scale_factor
+            size = None if kind == "class" else (
+                (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor)
             res = hybrid_sample(pipe, teacher, teacher_steps, teacher_guidance, gens,
                                 labels=None if labels is None else torch.as_tensor(labels[start: start + len(idx)]),
                                 prompts=None if prompts is None else prompts[start: start + len(idx)],

@@ -3,10 +3,12 @@ Models"): the teacher takes the first step(s), which decide the composition, and
 
 One-step students lose diversity (recall) first; letting the teacher (with CFG) make the first ``K`` steps of a
 trailing schedule and handing its intermediate sample to the student brings it back at ``2 K`` extra network calls
-per sample. The schedule has ``K + S`` points (``S`` = the student's own step count), e.g. a one-step student with
-one teacher step: the teacher goes from t = 999 to 499 (DDIM, or Euler for flow teachers), the student predicts
-the sample from t = 499. The student is run by its own pipeline (``latents=`` and ``timesteps=`` / ``sigmas=``), so
-any exported student works: our class-conditional pipeline, SD / SDXL (``timesteps``), SD3 / Flux (``sigmas``).
+per sample. A K-step student trained at t_1 > ... > t_S keeps its schedule: the teacher goes from t_1 to t_(K+1)
+(DDIM, or Euler for flow teachers), the student does the rest (the paper's setting). A one-step student gets a
+trailing schedule of K + 1 points, e.g. the teacher from t = 999 to 499 and the student from 499, a timestep it was
+not trained at (measured on digits16 in docs/results/vsd_digits16.md: more recall, worse FID).
+The student is run by its own pipeline (``latents=`` and ``timesteps=`` / ``sigmas=``), so any exported student
+works: our class-conditional pipeline, SD / SDXL (``timesteps``), SD3 / Flux (``sigmas``).
 """
 
 from __future__ import annotations
@@ -30,21 +32,27 @@ def teacher_of(student: Any) -> str:
     return str(ref)
 
 
-def hybrid_schedule(num_train_timesteps: int, teacher_steps: int, student_steps: int, flow: bool) -> list[int]:
-    """The ``teacher_steps + student_steps`` trailing timesteps, descending (flow: in [1, T], from T)."""
-    n = teacher_steps + student_steps
+def hybrid_schedule(num_train_timesteps: int, teacher_steps: int, student_timesteps: list[int],
+                    flow: bool) -> list[int]:
+    """The hybrid schedule, descending: a student with more trained timesteps than ``teacher_steps`` keeps its own
+    (the teacher takes the first ``teacher_steps`` of them, as in the paper); otherwise (a one-step student) the
+    ``teacher_steps + len(student_timesteps)`` trailing timesteps (flow: in [1, T], from T), so the student starts
+    at a timestep it was not trained at."""
+    if len(student_timesteps) > teacher_steps:
+        return [int(t) for t in student_timesteps]
+    n = teacher_steps + len(student_timesteps)
     if flow:
         return [num_train_timesteps - j * num_train_timesteps // n for j in range(n)]
     return [num_train_timesteps - 1 - j * (num_train_timesteps // n) for j in range(n)]
 
 
-def _student_steps(student: Any) -> int:
-    cfg = student.scheduler.config
-    recorded = cfg.get("student_timesteps") or []
+def student_timesteps_of(student: Any) -> list[int]:
+    """The trained timesteps an exported student records; a UserError for a pipeline that records none."""
+    recorded = student.scheduler.config.get("student_timesteps") or []
     if not recorded:
         raise UserError("diversity distillation needs a distilled student (its scheduler records "
                         "student_timesteps); this pipeline has none")
-    return len(recorded)
+    return [int(t) for t in recorded]
 
 
 @torch.no_grad()
@@ -80,7 +88,7 @@ def hybrid_sample(student: Any, teacher: Any, teacher_steps: int, teacher_guidan
         size = resolution
     shape = family.noise_shape(n, size)
     x = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
-    ts = hybrid_schedule(den.num_train_timesteps, teacher_steps, _student_steps(student), den.is_flow)
+    ts = hybrid_schedule(den.num_train_timesteps, teacher_steps, student_timesteps_of(student), den.is_flow)
     w = None if teacher_guidance == 1.0 else teacher_guidance
     for t, t_next in zip(ts[:teacher_steps], ts[1: teacher_steps + 1]):
         x = den.solver_step(x, torch.full((n,), t, device=device), t_next, cond, guidance_scale=w, uncond=uncond)

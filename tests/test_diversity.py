@@ -34,10 +34,12 @@ def exported(tmp_path_factory):
 
 
 def test_schedule():
-    assert hybrid_schedule(1000, 1, 1, flow=False) == [999, 499]
-    assert hybrid_schedule(1000, 2, 1, flow=False) == [999, 666, 333]
-    assert hybrid_schedule(1000, 1, 4, flow=False) == [999, 799, 599, 399, 199]
-    assert hybrid_schedule(1000, 1, 1, flow=True) == [1000, 500]
+    assert hybrid_schedule(1000, 1, [999], flow=False) == [999, 499]  # a one-step student: K + 1 trailing points
+    assert hybrid_schedule(1000, 2, [999], flow=False) == [999, 666, 333]
+    assert hybrid_schedule(1000, 1, [1000], flow=True) == [1000, 500]
+    four = [999, 749, 499, 249]  # a 4-step student keeps its trained schedule; the teacher takes its first step(s)
+    assert hybrid_schedule(1000, 1, four, flow=False) == four and hybrid_schedule(1000, 3, four, flow=False) == four
+    assert hybrid_schedule(1000, 4, four, flow=False) == [999 - 125 * j for j in range(8)]  # K + S points
 
 
 def test_teacher_first_step_then_student_equals_the_computation_by_hand(exported):

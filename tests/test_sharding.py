@@ -94,6 +94,11 @@ def test_fsdp2_equals_ddp_resumes_exactly_and_exports(sd_dir, captioned, tmp_pat
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
     ema = load_file(fsdp / "checkpoints" / "step-4" / "ema.safetensors")
     assert torch.equal(next(iter(ub.parameters())), ema["shadow.0"])  # the EMA, not the raw student
+    from stepdistill.pipelines import load_pipeline
+
+    pipe = load_pipeline(str(fsdp / "pipeline"))  # the whole export loads: no FSDP class names written into it
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert "FSDP" not in (fsdp / "pipeline" / "model_index.json").read_text()
 
 
 def test_what_cannot_be_sharded_is_refused(tmp_path):

@@ -318,6 +318,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
             raise ConfigError("train.sharding=fsdp2 with train.mixed_precision=fp16 needs a sharded gradient "
                               "scaler, which stepdistill lacks; use bf16")
         units = sharding.shard(method, accelerator.device, accelerator.num_processes)
+        # accelerate's prepare, which moves a model to the device, is skipped: the replicated parts move here.
+        method.to(accelerator.device)
         phases = method.phases()  # the sharded parameters replaced the module's own
         _validate_phases(phases, cfg)
     accelerator.wait_for_everyone()
@@ -438,6 +440,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
 
     def sample(step: int) -> None:
         # Every process samples (with FSDP all ranks must take part in the forward passes); one writes the file.
+        for u in units:
+            # A root unit keeps its gathered weights after a no-grad forward; the EMA must go into the shards.
+            u.reshard()
         with _EMASwap(ema, ema_params):
             images = method.sample_grid(SAMPLE_GRID_SIZE, cfg.seed)
         if main:
@@ -449,6 +454,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = True, overwrite: b
         if sharded:  # gathered in full by every process, written by the main one
             weights = sharding.gather_units(method)
             trained = {k: v for k, v in weights.items() if k not in frozen}
+            # The replicated rest of what an unsharded checkpoint holds (buffers outside the units, e.g. a teacher
+            # network's persistent position embeddings), so both formats hold the same keys.
+            trained.update(sharding.replicated_state(method, frozen, trained))
             optim_states = sharding.gather_optimizers(method, optimizers)
             shadow = sharding.full_ema(ema.shadow_params) if ema is not None else None
 

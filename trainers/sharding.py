@@ -189,11 +189,21 @@ def load_optimizers(method: nn.Module, optimizers: list, folder: Path) -> None:
         set_optimizer_state_dict(method, opt, optim_state_dict=osd, options=_full_options())
 
 
+def replicated_state(method: nn.Module, frozen: set[str], have: dict) -> dict[str, torch.Tensor]:
+    """The entries of ``method``'s state dict outside the sharded units (plain tensors: buffers of replicated
+    networks) that are not frozen parameters and not in ``have``, on the CPU."""
+    return {k: v.detach().cpu() for k, v in method.state_dict().items()
+            if k not in frozen and k not in have and not _is_dtensor(v)}
+
+
 @contextmanager
 def full_weights(method: nn.Module, full: dict[str, torch.Tensor]) -> Iterator[None]:
     """On the main process: put plain full tensors (from :func:`gather_units`) in place of the sharded parameters
-    for the block (exports save them with ``save_pretrained``), then put the shards back. Nothing may run the
+    and give the sharded modules back their own class (``fully_shard`` swaps in a generated ``FSDP<Class>``, whose
+    name ``save_pretrained`` would write into the export) for the block; then restore both. Nothing may run the
     sharded networks' forward inside the block."""
+    from torch.distributed.fsdp import FSDPModule
+
     swapped = []
     for name, p in list(method.named_parameters()):
         if _is_dtensor(p):
@@ -201,9 +211,16 @@ def full_weights(method: nn.Module, full: dict[str, torch.Tensor]) -> Iterator[N
             mod = method.get_submodule(mod_name)
             swapped.append((mod, attr, p))
             setattr(mod, attr, nn.Parameter(full[name], requires_grad=p.requires_grad))
+    classes = []
+    for m in method.modules():
+        if isinstance(m, FSDPModule):
+            classes.append((m, type(m)))
+            m.__class__ = next(b for b in type(m).__bases__ if b is not FSDPModule)
     try:
         yield
     finally:
+        for m, cls in classes:
+            m.__class__ = cls
         for mod, attr, p in swapped:
             setattr(mod, attr, p)
 

@@ -97,3 +97,15 @@ def randomize_lora(model: torch.nn.Module, std: float) -> None:
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.normal_(0, std)
+
+
+def save_captioned(folder: Path, n: int) -> str:
+    """``n`` random 16x16 RGB images with ``.txt`` captions ("a picture i") in ``folder``; seed 0."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a picture {i}")
+    return str(folder)

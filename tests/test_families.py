@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import randomize_lora
+from _tiny import randomize_lora, save_captioned
 from _tiny_sd import build_tiny_flux, build_tiny_sd3, build_tiny_sdxl
 
 from stepdistill.config import load_config
@@ -85,15 +85,7 @@ def prompts(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory) -> str:
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a picture {i}")
-    return str(folder)
+    return save_captioned(tmp_path_factory.mktemp("captioned"), 4)
 
 
 def _overrides(sdxl_dir: str, source: str, *extra: str) -> list[str]:

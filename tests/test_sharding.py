@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from _tiny import log_rows, train_two_processes
+from _tiny import log_rows, save_captioned, train_two_processes
 from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
@@ -27,14 +26,7 @@ def sd_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory) -> str:
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a picture {i}")
-    return str(folder)
+    return save_captioned(tmp_path_factory.mktemp("captioned"), 8)
 
 
 def _overrides(sd_dir: str, data: str, *extra: str) -> list[str]:

@@ -49,6 +49,9 @@ class DMD2Config(ScoreDistillationConfig):
     # ~8% (uniform: ~0.7%) below noise-to-signal 0.03, where fine grain is told from noise, and ~34% (uniform: ~5%)
     # above 10 (DM draws, default min_t / max_t). min_t / max_t are then fractions of that grid.
     timestep_sampling: str = "uniform"
+    # Weight of the distribution-matching term in the student loss (0 = the GAN term alone, as the multi-student
+    # method's adversarial stage may run).
+    dm_weight: float = 1.0
     # Weight of the GAN term in the student loss, softplus(-D(fake)) (0 = off; DMD2: 1e-3 to 5e-3).
     gan_weight_student: float = 0.0
     # Weight of the critic loss softplus(-D(real)) + softplus(D(fake)) in the fake-score phase (0 = off; DMD2: 1e-2).
@@ -100,7 +103,7 @@ class DMD2Method(ScoreDistillationMethod):
     # A run may continue with new loss weights, real-score guidance, noise ranges and TTUR ratio (train
     # --allow-changes), e.g. a larger GAN weight late in training. A new TTUR ratio needs a constant student LR
     # schedule: a decaying one counts student updates, and its length would no longer match its position.
-    stage_changes = ("real_guidance", "real_guidance_interval", "min_t", "max_t", "timestep_sampling",
+    stage_changes = ("dm_weight", "real_guidance", "real_guidance_interval", "min_t", "max_t", "timestep_sampling",
                      "gan_weight_student", "gan_weight_critic", "regression_weight", "regression_steps",
                      "fake_updates_per_student")
 
@@ -136,13 +139,21 @@ class DMD2Method(ScoreDistillationMethod):
             src = Path(run_config.data.source)
             if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
                 raise ConfigError(GAN_IMAGES_MSG)
-            mid = getattr(self._fake_net, "mid_block", None)
-            if mid is None:
-                raise ConfigError("the GAN term needs a teacher network with a mid_block (bottleneck features)")
-            self.gan_head = GANHead(int(self._fake_net.config.block_out_channels[-1]), c.gan_head_channels)
-            mid.register_forward_hook(self._capture_mid)
+            self._build_gan(c)
 
     # --- construction helpers -----------------------------------------------------------------------------------
+    def _gan_head_for(self, fake_net: nn.Module, c: DMD2Config) -> GANHead:
+        """A GAN head for ``fake_net``'s bottleneck, whose features a forward hook on its mid_block captures."""
+        mid = getattr(fake_net, "mid_block", None)
+        if mid is None:
+            raise ConfigError("the GAN term needs a teacher network with a mid_block (bottleneck features)")
+        mid.register_forward_hook(self._capture_mid)
+        return GANHead(int(fake_net.config.block_out_channels[-1]), c.gan_head_channels)
+
+    def _build_gan(self, c: DMD2Config) -> None:
+        """``self.gan_head`` on the fake score's features (a method with several fake scores builds one each)."""
+        self.gan_head = self._gan_head_for(self._fake_net, c)
+
     def timestep_grid(self) -> torch.Tensor:
         # Timestep drawn for grid index k (k uniform): the identity, or the Karras-spaced grid.
         all_t = torch.arange(self.teacher.num_train_timesteps)
@@ -151,8 +162,9 @@ class DMD2Method(ScoreDistillationMethod):
         return S.karras_timestep_grid(*self.teacher.alpha_sigma(all_t), self.teacher.num_train_timesteps)
 
     def _validate(self, c: DMD2Config, T: int, flow: bool) -> None:
-        if min(c.gan_weight_student, c.gan_weight_critic, c.regression_weight) < 0:
-            raise ConfigError("method_args.gan_weight_student / gan_weight_critic / regression_weight must be >= 0")
+        if min(c.gan_weight_student, c.gan_weight_critic, c.regression_weight, c.dm_weight) < 0:
+            raise ConfigError("method_args.dm_weight / gan_weight_student / gan_weight_critic / regression_weight "
+                              "must be >= 0")
         if c.regression_steps < 1 or c.gan_head_channels < 1:
             raise ConfigError("method_args.regression_steps and gan_head_channels must be >= 1")
         if c.real_guidance <= 0:
@@ -228,7 +240,7 @@ class DMD2Method(ScoreDistillationMethod):
         # loss has gradient grad / numel w.r.t. x0_g.
         grad = score_difference_grad(x0_g, x0_real, x0_fake, normalise=True)
         loss_dm = loss_from_grad(x0_g, grad)
-        loss = loss_dm
+        loss = loss_dm if c.dm_weight == 1 else c.dm_weight * loss_dm
         logs = {"dm_loss": loss_dm.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
         # 5. GAN generator term on the fake score's bottleneck features of the re-noised samples.
         feats = self._captured.pop("mid", None)

@@ -18,6 +18,7 @@ import copy
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from stepdistill.conditioning import ClassConditioning, Cond
 from stepdistill.data import to_uint8
 from stepdistill.denoiser import Denoiser
-from stepdistill.errors import ConfigError
+from stepdistill.errors import ConfigError, first_line
 
 from .base import Method, Phase
 from .common import (
@@ -65,6 +66,11 @@ class ScoreDistillationConfig:
     # Initialise the student G from another pipeline's network (alias, local folder or hub id), e.g. an exported LCM
     # student of the same teacher; it must have the teacher network's architecture. "" = from the teacher.
     student_init: str = ""
+    # A student network of another size than the teacher's: entries of the teacher network's diffusers config to
+    # replace (e.g. {block_out_channels: [32, 64], layers_per_block: 1}; "_class_name" picks another diffusers model
+    # class). The student is then randomly initialised (train it from the teacher first: the multi-student method's
+    # score_matching stage, or DMD2's regression warm-up). {} = a copy of the teacher network.
+    student_config: dict[str, Any] = field(default_factory=dict)
     # Fake score as a LoRA of this rank on the teacher network (adapters off = teacher); 0 = a full trainable copy.
     fake_score_lora_rank: int = 0
     # LoRA alpha (scale alpha / rank); 0 = the rank (scale 1).
@@ -134,29 +140,76 @@ class ScoreDistillationMethod(Method):
         for name, module in self.family.frozen_modules().items():
             setattr(self, name, module)
 
-        # The student G: a trainable network (by default a copy of the teacher's).
-        self.student = self.family.denoiser(self.build_student(unet).requires_grad_(True))
-        if c.student_init:
-            init_student_weights(self.student.model, c.student_init, "method_args.student_init",
-                                 self.family.network_attr)
-
-        # The fake score: a full trainable copy, or LoRA adapters on the teacher network (toggled off for the
-        # teacher's own predictions), which keeps a single copy of the big network in memory.
+        # The student G and the fake score (a method with several students builds them its own way).
         self.lora = c.fake_score_lora_rank > 0
-        if self.lora:
-            add_lora(unet, c.fake_score_lora_rank, c.fake_score_lora_alpha, LORA_TARGETS,
-                     "method_args.fake_score_lora_rank")
-            self.fake_score: Denoiser | None = None
-        else:
-            self.fake_score = self.family.denoiser(copy.deepcopy(unet).requires_grad_(True))
+        self._build_networks(unet)
 
         # The frozen teacher (and VAE, text encoders) in train.teacher_dtype, now that the trainable copies exist.
         cast_frozen(self.teacher, self.family, run_config.train.teacher_dtype)
 
     # --- construction hooks ---------------------------------------------------------------------------------------
+    def _build_networks(self, teacher_network: nn.Module) -> None:
+        """``self.student`` (a trainable Denoiser) and ``self.fake_score``: a full trainable copy of the teacher
+        network, or (``self.lora``) LoRA adapters on the teacher network itself, toggled off for the teacher's own
+        predictions, which keeps a single copy of the big network in memory (``fake_score`` is then None)."""
+        c: ScoreDistillationConfig = self.cfg
+        self.student = self.make_student(teacher_network)
+        if self.lora:
+            add_lora(teacher_network, c.fake_score_lora_rank, c.fake_score_lora_alpha, LORA_TARGETS,
+                     "method_args.fake_score_lora_rank")
+            self.fake_score: Denoiser | None = None
+        else:
+            self.fake_score = self.family.denoiser(copy.deepcopy(teacher_network).requires_grad_(True))
+
+    def make_student(self, teacher_network: nn.Module, init_subfolder: str | None = None) -> Denoiser:
+        """A trainable student Denoiser: :meth:`build_student`, then the weights of ``method_args.student_init``
+        (its network in ``init_subfolder``, by default the family's network folder) if given."""
+        c: ScoreDistillationConfig = self.cfg
+        student = self.family.denoiser(self.build_student(teacher_network).requires_grad_(True))
+        if c.student_init:
+            init_student_weights(student.model, c.student_init, "method_args.student_init",
+                                 init_subfolder or self.family.network_attr)
+        return student
+
     def build_student(self, teacher_network: nn.Module) -> nn.Module:
-        """The student network; a copy of the teacher's by default."""
-        return copy.deepcopy(teacher_network)
+        """The student network: a copy of the teacher's, or with ``method_args.student_config`` a network of the
+        teacher's class (or the diffusers class it names as ``_class_name``) built from the teacher's config with
+        those entries replaced, randomly initialised, checked to map the teacher's inputs to outputs of the
+        teacher's shape."""
+        overrides = dict(self.cfg.student_config)
+        if not overrides:
+            return copy.deepcopy(teacher_network)
+        import diffusers
+
+        name = overrides.pop("_class_name", type(teacher_network).__name__)
+        cls = getattr(diffusers, str(name), None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ConfigError(f"method_args.student_config: _class_name {name!r} is not a diffusers model class")
+        config = {k: v for k, v in teacher_network.config.items() if not k.startswith("_")}
+        try:
+            net = cls.from_config({**config, **overrides})
+        except (TypeError, ValueError, AssertionError) as e:
+            raise ConfigError(f"method_args.student_config does not build a {name}: {first_line(e)}") from None
+        self._check_student_shape(net, teacher_network)
+        return net
+
+    @torch.no_grad()
+    def _check_student_shape(self, net: nn.Module, teacher_network: nn.Module) -> None:
+        """ConfigError unless ``net`` maps one teacher input (noise at the largest timestep, a null condition) to an
+        output of the teacher's shape."""
+        x = torch.zeros(self._noise_shape(1))
+        t = torch.full((1,), self.teacher.num_train_timesteps - 1, dtype=torch.long)
+        cond = (self.family.classes.uncond(1, x.device) if self.family.classes is not None
+                else self.family.prompt_cond([""])[0])
+        want = tuple(self.family.call(teacher_network, x, t, cond).shape)
+        try:
+            got = tuple(self.family.call(net, x, t, cond).shape)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's architecture is one config error
+            raise ConfigError(f"method_args.student_config: the student network cannot take the teacher's inputs "
+                              f"{tuple(x.shape)} ({first_line(e)})") from None
+        if got != want:
+            raise ConfigError(f"method_args.student_config: the student network's output shape {got} does not match "
+                              f"the teacher's {want}; keep in/out_channels and the sample size")
 
     def timestep_grid(self) -> torch.Tensor:
         """The noise levels (network timesteps) that draws index into; all T by default."""

@@ -8,14 +8,15 @@ from pathlib import Path
 from stepdistill.errors import UserError, first_line
 
 from .class_conditional import ClassConditionalPipeline, numpy_to_uint8
+from .multi_student import MultiStudentPipeline
 
 ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
 # Aliases for pipelines shipped inside the package.
 ALIASES = {"digits16": "digits16_teacher", "digits16-flow": "digits16_flow_teacher"}
 OUR_PIPELINES = {"ClassConditionalPipeline": ClassConditionalPipeline}
 
-__all__ = ["ClassConditionalPipeline", "accepts_timesteps", "load_pipeline", "numpy_to_uint8", "recorded_schedule",
-           "recorded_timesteps", "resolve_pipeline_path"]
+__all__ = ["ClassConditionalPipeline", "MultiStudentPipeline", "accepts_timesteps", "load_pipeline", "numpy_to_uint8",
+           "rebuild_pipeline", "recorded_schedule", "recorded_timesteps", "resolve_pipeline_path"]
 
 
 def accepts_timesteps(pipe) -> bool:
@@ -116,11 +117,26 @@ def load_lora_export(path: str, base: str | None = None, device=None, dtype=None
     return pipe.to(device) if device is not None else pipe
 
 
-def load_pipeline(name: str, device=None, dtype=None, base: str | None = None):
+def rebuild_pipeline(base, **replacements):
+    """A pipeline of ``base``'s class with the same components but ``replacements`` (e.g. ``unet=...``,
+    ``scheduler=...``), keeping the constructor flags ``base`` holds in its config (requires_safety_checker, ...)."""
+    import inspect
+
+    components = {**base.components, **replacements}
+    params = inspect.signature(type(base).__init__).parameters
+    flags = {k: v for k, v in base.config.items() if k in params and k not in components}
+    pipe = type(base)(**components, **flags)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(name: str, device=None, dtype=None, base: str | None = None, single: bool = False):
     """Load a pipeline by alias, local folder or hub id; our own pipeline classes are picked by model_index.json.
 
     A LoRA export folder (``pytorch_lora_weights.safetensors`` without a pipeline) loads as its base pipeline
-    (``base``, or the one it records) with the adapters applied. ``base`` is refused for anything else.
+    (``base``, or the one it records) with the adapters applied. ``base`` is refused for anything else. A
+    multi-student export (with ``router.json``) loads as a :class:`MultiStudentPipeline`, or with ``single`` as its
+    student 0 alone.
     """
     from diffusers import DiffusionPipeline
 
@@ -130,6 +146,8 @@ def load_pipeline(name: str, device=None, dtype=None, base: str | None = None):
         raise UserError(f"--base applies to LoRA exports (a folder with pytorch_lora_weights.safetensors and no "
                         f"model_index.json); '{name}' is a full pipeline")
     path = resolve_pipeline_path(name)
+    if not single and MultiStudentPipeline.is_multi_student(path):
+        return MultiStudentPipeline.from_pretrained(path, device=device, dtype=dtype)
     cls = DiffusionPipeline
     index = Path(path) / "model_index.json"
     if index.is_file():

@@ -210,6 +210,17 @@ class HFDatasetFolder(Dataset):
         return item
 
 
+def dataset_prompts(dataset: Dataset) -> list[str] | None:
+    """Every prompt (caption) of a dataset in index order, read without decoding images; None if it has none."""
+    if isinstance(dataset, PromptFile):
+        return list(dataset.prompts)
+    if isinstance(dataset, ImageFolder):
+        return None if dataset.captions is None else list(dataset.captions)
+    if isinstance(dataset, HFDatasetFolder) and dataset.caption_column in dataset.ds.column_names:
+        return [str(v) for v in dataset.ds[dataset.caption_column]]
+    return None
+
+
 def build_dataset(source: str, resolution: int = 16, center_crop: bool = True, random_flip: bool = False,
                   image_column: str = "image", caption_column: str = "text", channels: int = 3) -> Dataset:
     """The dataset named by ``source``: "digits16", a prompt file (.txt), an HF datasets folder or an image folder."""

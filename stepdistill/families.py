@@ -11,7 +11,6 @@ class by name. Adding a family is adding a class here (and its tiny test pipelin
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -120,15 +119,9 @@ class Family:
             from stepdistill.pipelines import load_pipeline
 
             base = load_pipeline(self.source)
-        components = dict(base.components)
-        components[self.network_attr] = network
-        components["scheduler"] = scheduler
-        # Constructor flags the pipeline keeps in its config (requires_safety_checker, force_zeros_for_empty_prompt).
-        params = inspect.signature(type(base).__init__).parameters
-        flags = {k: v for k, v in base.config.items() if k in params and k not in components}
-        pipe = type(base)(**components, **flags)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        from stepdistill.pipelines import rebuild_pipeline
+
+        return rebuild_pipeline(base, **{self.network_attr: network, "scheduler": scheduler})
 
 
 class ClassFamily(Family):

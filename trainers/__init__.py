@@ -12,6 +12,7 @@ METHODS: dict[str, str] = {
     "dmd2": "stepdistill.trainers.dmd2:DMD2Method",
     "consistency": "stepdistill.trainers.consistency:ConsistencyMethod",
     "vsd": "stepdistill.trainers.vsd:VSDMethod",
+    "msd": "stepdistill.trainers.multi_student:MultiStudentMethod",
 }
 
 

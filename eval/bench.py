@@ -72,8 +72,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [f"| model | steps | NFE | {heads} | samples/s | speed-up |", "|---" * (len(TABLE_METRICS) + 5) + "|"]
     for r in rows:
         cells = " | ".join(_cell(r, k) for k in TABLE_METRICS)
-        lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {cells} | {r['samples_per_s']:.1f} | "
-                     f"{r['samples_per_s'] / ref:.1f}x |")
+        speed = (f"{r['samples_per_s']:.1f} | {r['samples_per_s'] / ref:.1f}x" if "samples_per_s" in r
+                 else "- | -")  # rows of a subset of another row's samples (e.g. one student's) have no speed
+        lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {cells} | {speed} |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,9 @@ def swap_scheduler(pipe, name: str | None):
 
 def pipeline_kind(pipe) -> str:
     """"class" (class-conditional), "text" (prompt-conditioned) or "uncond"."""
+    students = getattr(type(pipe), "students", None) is None and getattr(pipe, "__dict__", {}).get("students")
+    if students:  # a MultiStudentPipeline is of its students' kind
+        return pipeline_kind(students[0])
     if type(pipe).__name__ == "ClassConditionalPipeline":
         return "class"
     if hasattr(pipe, "tokenizer") or hasattr(pipe, "text_encoder"):

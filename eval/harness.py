@@ -184,8 +184,9 @@ def _small_n_warning(n: int, n_ref: int, metrics: list[str]) -> str | None:
 
 def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[str] | None, ref: str,
              metrics: list[str] | str, device: str | torch.device = "cpu", clip_model: str | None = None,
-             batch_size: int = 50) -> dict:
-    """Compute ``metrics`` for uint8 NHWC samples against ``ref`` (see the module docstring).
+             batch_size: int = 50, ref_classes: list[int] | None = None) -> dict:
+    """Compute ``metrics`` for uint8 NHWC samples against ``ref`` (see the module docstring); ``ref_classes``
+    restricts the digits16 reference to those classes (e.g. one student's part).
 
     Returns ``{metric: value, ..., "kid_std", "pr_num", "num_samples", "num_ref", "preprocessing": {...},
     "warning"}`` (``pr_num``: the equal set size precision / recall were computed at); ``warning`` is None unless
@@ -217,6 +218,12 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
         if bad:
             raise UserError(f"{', '.join(bad)} need reference images, but --ref '{ref}' is a statistics file; "
                             "pass 'digits16' or an image folder")
+    ref_mask = None
+    if ref_classes is not None:
+        if kind != "digits16":
+            raise UserError("a per-class reference needs --ref digits16")
+        ref_mask = np.isin(digits16_uint8()[1], np.asarray(ref_classes))
+        ref_images = ref_images[ref_mask]
     n_ref = len(ref_images) if ref_images is not None else None
 
     result: dict = {}
@@ -232,6 +239,7 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
                 n_ref = load_stats_meta(stats_path).get("num_images")
             elif kind == "digits16":
                 feats_r = _digits16_inception_features(device, batch_size)
+                feats_r = feats_r if ref_mask is None else feats_r[ref_mask]
             else:
                 feats_r = inception_features(ref_images, device, batch_size, desc="inception (reference)")
             if "fid" in metrics:
@@ -281,6 +289,23 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
     return ordered
 
 
+def per_student(owners: np.ndarray, classes_of: list[list[int]] | None, images_uint8: np.ndarray,
+                labels: np.ndarray | None, prompts: list[str] | None, ref: str, metrics: list[str] | str,
+                device: str | torch.device = "cpu", clip_model: str | None = None) -> list[dict]:
+    """The metrics of each student's samples (``owners[i]`` made sample i): against the reference images of its
+    classes when ``classes_of`` (its classes, per student) is given and ``ref`` is digits16, else the whole
+    ``ref``."""
+    rows = []
+    for k in sorted(set(np.asarray(owners).tolist())):
+        idx = np.flatnonzero(np.asarray(owners) == k)
+        own_ref = classes_of[k] if classes_of is not None and ref == "digits16" else None
+        res = evaluate(images_uint8[idx], None if labels is None else np.asarray(labels)[idx],
+                       None if prompts is None else [prompts[i] for i in idx], ref, metrics, device, clip_model,
+                       ref_classes=own_ref)
+        rows.append({"student": int(k), "reference": "its classes" if own_ref is not None else "all", **res})
+    return rows
+
+
 def _fmt(v) -> str:
     """Compact cell text: 4 significant digits for floats, '-' for missing."""
     if v is None:
@@ -296,7 +321,8 @@ def format_table(rows: list[dict]) -> str:
         return ""
     cols: list[str] = []
     for r in rows:
-        cols += [k for k, v in r.items() if k not in cols and k not in _SKIP_IN_TABLE and not isinstance(v, dict)]
+        cols += [k for k, v in r.items()
+                 if k not in cols and k not in _SKIP_IN_TABLE and not isinstance(v, (dict, list))]
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     numeric = [all(isinstance(r.get(c), (int, float, np.number)) or r.get(c) is None for r in rows) for c in cols]

@@ -240,13 +240,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(samples["images"], samples["labels"], samples["prompts"], ref=args.ref, metrics=metrics,
                       device=device, clip_model=args.clip_model)
     row.update(result)
+    if raw is not None and hasattr(pipe, "router"):  # a MultiStudentPipeline: each student's samples on their own
+        from stepdistill.eval.harness import per_student
+
+        router = pipe.router
+        owners = pipe.route(samples["labels"] if router.kind == "classes" else samples["prompts"])
+        classes_of = ([router.classes_of(k) for k in range(router.num_students)] if router.kind == "classes"
+                      else None)
+        row["per_student"] = per_student(owners, classes_of, samples["images"], samples["labels"],
+                                         samples["prompts"], args.ref, metrics, device, args.clip_model)
     out = prepare_out_dir(args.out, args.overwrite)
     if raw is not None:
         gen.save_samples(out / "samples.npz", raw, pipeline=source, steps=args.steps, guidance=args.guidance,
                          seed=args.seed, timesteps=",".join(map(str, raw["timesteps"] or [])))
     save_grid(samples["images"][:100], out / "grid.png", nrow=10)
     (out / "metrics.json").write_text(json.dumps(row, indent=2, default=str))
-    print(format_table([row]))
+    students = [{"source": f"  student {r['student']} ({r['reference']})",
+                 **{k: v for k, v in r.items() if k in metrics}} for r in row.get("per_student", [])]
+    print(format_table([row, *students]))
     print(f"-> {out / 'metrics.json'}")
     return 0
 
@@ -304,8 +315,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.run_teacher_baseline(args.out, num_samples=args.num_samples, overwrite=args.overwrite, device=device,
                                    pipeline=args.pipeline)
         return 0
+    if args.which == "msd":
+        if args.config or args.curve or args.student_steps:
+            raise UserError("bench msd trains its own recipes (digits16_dmd2, digits16_msd, digits16_msd_small): "
+                            "drop --config / --curve / --student-steps")
+        from stepdistill.eval.bench_msd import run_msd_bench
+
+        run_msd_bench(args.out, args.overrides, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
+        return 0
     if args.which not in DISTILL_BENCHES:
-        raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, memory, "
+        raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, memory, msd, "
                         f"{', '.join(DISTILL_BENCHES)})")
     method, configs, steps = DISTILL_BENCHES[args.which]
     if args.config:
@@ -438,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "digits16_multiphase.yaml), evaluate the students against the teacher at equal N, "
                                    "write report.md, metrics.json, grids and loss plots.")
     b.add_argument("which", help="benchmark: real (the metrics' floor: real digits at the same N), teacher, dmd2, "
-                                 "consistency (LCM, LCM-LoRA and multiphase) or memory (peak memory of one DMD2 "
-                                 "and one LCM step with float32 vs bfloat16 frozen parts)")
+                                 "consistency (LCM, LCM-LoRA and multiphase), vsd (beside a DMD2 student), msd "
+                                 "(4 students vs one DMD2 student, smaller students, parallel training) or memory "
+                                 "(peak memory of one DMD2 and one LCM step with float32 vs bfloat16 frozen parts)")
     b.add_argument("--config", help="training config of a distillation benchmark (one student instead of the "
                                     "defaults)")
     b.add_argument("--student-steps", help="comma list of student step counts (default: the trained timesteps; "

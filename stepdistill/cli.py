@@ -173,6 +173,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- trajectories -----------------------------------------------------------------------------------------------
+def cmd_trajectories(args: argparse.Namespace) -> int:
+    from stepdistill.trajectories import write_trajectories
+
+    out = write_trajectories(args.teacher, args.out, args.num, steps=args.steps, w_min=args.w_min, w_max=args.w_max,
+                             shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
+                             prompts_file=args.prompts, resolution=args.resolution, dtype=args.dtype,
+                             overwrite=args.overwrite, device=_device(args.device) if args.device else None)
+    print(f"trajectories -> {out}")
+    return 0
+
+
 # --- average ----------------------------------------------------------------------------------------------------
 def cmd_average(args: argparse.Namespace) -> int:
     from stepdistill.pipelines import average_pipelines
@@ -323,8 +335,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run_msd_bench(args.out, args.overrides, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
         return 0
+    if args.which == "agd":
+        if args.config or args.curve or args.student_steps:
+            raise UserError("bench agd trains its own recipe (digits16_agd): drop --config, --curve and "
+                            "--student-steps")
+        from stepdistill.eval.bench_agd import run_agd_bench
+
+        run_agd_bench(args.out, args.overrides, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
+        return 0
     if args.which not in DISTILL_BENCHES:
-        raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, memory, msd, "
+        raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, memory, msd, agd, "
                         f"{', '.join(DISTILL_BENCHES)})")
     method, configs, steps = DISTILL_BENCHES[args.which]
     if args.config:
@@ -413,6 +433,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_gen(s)
     s.set_defaults(func=cmd_sample)
 
+    tr = sub.add_parser("trajectories", help="CFG-guided teacher trajectories (the training data of agd)",
+                        description="Sample NUM trajectories of the teacher's deterministic sampler under CFG, each "
+                                    "at its own guidance scale w ~ U[w-min, w-max], and store every state with the "
+                                    "guided prediction as safetensors shards in OUT. Rerunning with the same "
+                                    "arguments completes an interrupted folder; under `accelerate launch` every "
+                                    "process writes its own shards.")
+    tr.add_argument("--teacher", default="digits16", help="teacher pipeline: 'digits16', a folder or a hub id")
+    tr.add_argument("--out", required=True, help="trajectory folder")
+    tr.add_argument("--num", type=int, required=True, help="number of trajectories")
+    tr.add_argument("--steps", type=int, default=50, help="sampler steps per trajectory (default 50)")
+    tr.add_argument("--w-min", type=float, default=1.0, help="lowest guidance scale (default 1)")
+    tr.add_argument("--w-max", type=float, default=4.0, help="highest guidance scale (default 4; the AGD paper: 12 "
+                                                             "for SD, 6 for DiT)")
+    tr.add_argument("--prompts", help="prompt file of a text teacher (trajectory i takes prompt i mod their number)")
+    tr.add_argument("--resolution", type=int, help="image side of a latent teacher (default: its sample size)")
+    tr.add_argument("--shard-size", type=int, default=64, help="trajectories per shard (default 64)")
+    tr.add_argument("--batch-size", type=int, default=64, help="trajectories sampled together (default 64)")
+    tr.add_argument("--dtype", default="float32", help="storage dtype of states and targets: float32, float16, "
+                                                       "bfloat16 (default float32)")
+    tr.add_argument("--seed", type=int, default=0, help="trajectory i uses a seed derived from (seed, i)")
+    tr.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing folder of other settings")
+    tr.set_defaults(func=cmd_trajectories)
+
     a = sub.add_parser("average", help="average the weights of snapshots of one student (post-hoc EMA)",
                        description="Average the denoiser weights of several exported pipelines of the same network "
                                    "(e.g. snapshots of one run at several steps); the other components and the model "
@@ -458,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write report.md, metrics.json, grids and loss plots.")
     b.add_argument("which", help="benchmark: real (the metrics' floor: real digits at the same N), teacher, dmd2, "
                                  "consistency (LCM, LCM-LoRA and multiphase), vsd (beside a DMD2 student), msd "
-                                 "(4 students vs one DMD2 student, smaller students, parallel training) or memory "
+                                 "(4 students vs one DMD2 student, smaller students, parallel training), agd "
+                                 "(adapter guidance vs CFG at equal steps, a sweep over w) or memory "
                                  "(peak memory of one DMD2 and one LCM step with float32 vs bfloat16 frozen parts)")
     b.add_argument("--config", help="training config of a distillation benchmark (one student instead of the "
                                     "defaults)")

@@ -223,13 +223,18 @@ def dataset_prompts(dataset: Dataset) -> list[str] | None:
 
 def build_dataset(source: str, resolution: int = 16, center_crop: bool = True, random_flip: bool = False,
                   image_column: str = "image", caption_column: str = "text", channels: int = 3) -> Dataset:
-    """The dataset named by ``source``: "digits16", a prompt file (.txt), an HF datasets folder or an image folder."""
+    """The dataset named by ``source``: "digits16", a prompt file (.txt), an HF datasets folder, a trajectory folder
+    (``stepdistill trajectories``) or an image folder."""
     if source == "digits16":
         return Digits16()
     p = Path(source)
     if not p.exists():
         raise DataError(f"data source '{source}' does not exist (use 'digits16', an image folder, a prompt .txt "
                         "file or a saved HF datasets folder)")
+    from .trajectories import TrajectoryDataset, is_trajectory_folder
+
+    if is_trajectory_folder(p):
+        return TrajectoryDataset(p)
     if p.is_file():
         if p.suffix.lower() in (".txt", ".prompts"):
             return PromptFile(p)

@@ -36,6 +36,9 @@ def pipeline_kind(pipe) -> str:
     students = getattr(type(pipe), "students", None) is None and getattr(pipe, "__dict__", {}).get("students")
     if students:  # a MultiStudentPipeline is of its students' kind
         return pipeline_kind(students[0])
+    base = getattr(pipe, "__dict__", {}).get("adapters") is not None and pipe.__dict__.get("pipe")
+    if base:  # an AdapterGuidancePipeline is of its base pipeline's kind
+        return pipeline_kind(base)
     if type(pipe).__name__ == "ClassConditionalPipeline":
         return "class"
     if hasattr(pipe, "tokenizer") or hasattr(pipe, "text_encoder"):

@@ -8,6 +8,7 @@ from pathlib import Path
 from stepdistill.errors import UserError, first_line
 
 from .class_conditional import ClassConditionalPipeline, numpy_to_uint8
+from .guidance import AdapterGuidancePipeline
 from .multi_student import MultiStudentPipeline
 
 ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
@@ -15,7 +16,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "stepdistill" / "assets"
 ALIASES = {"digits16": "digits16_teacher", "digits16-flow": "digits16_flow_teacher"}
 OUR_PIPELINES = {"ClassConditionalPipeline": ClassConditionalPipeline}
 
-__all__ = ["ClassConditionalPipeline", "MultiStudentPipeline", "accepts_timesteps", "load_pipeline", "numpy_to_uint8",
+__all__ = ["AdapterGuidancePipeline", "ClassConditionalPipeline", "MultiStudentPipeline", "accepts_timesteps",
+           "load_pipeline", "numpy_to_uint8",
            "rebuild_pipeline", "recorded_schedule", "recorded_timesteps", "resolve_pipeline_path"]
 
 
@@ -136,7 +138,8 @@ def load_pipeline(name: str, device=None, dtype=None, base: str | None = None, s
     A LoRA export folder (``pytorch_lora_weights.safetensors`` without a pipeline) loads as its base pipeline
     (``base``, or the one it records) with the adapters applied. ``base`` is refused for anything else. A
     multi-student export (with ``router.json``) loads as a :class:`MultiStudentPipeline`, or with ``single`` as its
-    student 0 alone.
+    student 0 alone; an AGD export (with ``guidance_adapter/``) as an :class:`AdapterGuidancePipeline`, or with
+    ``single`` as its base pipeline without the adapters.
     """
     from diffusers import DiffusionPipeline
 
@@ -148,6 +151,8 @@ def load_pipeline(name: str, device=None, dtype=None, base: str | None = None, s
     path = resolve_pipeline_path(name)
     if not single and MultiStudentPipeline.is_multi_student(path):
         return MultiStudentPipeline.from_pretrained(path, device=device, dtype=dtype)
+    if not single and AdapterGuidancePipeline.is_guided(path):
+        return AdapterGuidancePipeline.from_pretrained(path, device=device, dtype=dtype)
     cls = DiffusionPipeline
     index = Path(path) / "model_index.json"
     if index.is_file():

@@ -37,6 +37,8 @@ class Family:
     # Guidance-distilled networks (Flux-dev) take the guidance scale as an input: the value used when no CFG is
     # asked for (the stock pipeline's default guidance_scale). None: CFG is two passes, as usual.
     guidance_input: float | None = None
+    # The network's timestep input times this is on the [0, 1000) scale (Flux's transformer takes sigma: 1000).
+    network_timestep_scale: ClassVar[float] = 1.0
 
     def __init__(self, pipe: Any, source: str, prompt_cache_bytes: int = 1 << 30):
         self.pipe, self.source = pipe, source
@@ -278,6 +280,7 @@ class FluxFamily(LatentFamily):
 
     name = "Flux (FluxPipeline)"
     network_attr = "transformer"
+    network_timestep_scale = 1000.0
 
     def __init__(self, pipe: Any, source: str, prompt_cache_bytes: int = 1 << 30):
         super().__init__(pipe, source, prompt_cache_bytes)

@@ -13,6 +13,7 @@ METHODS: dict[str, str] = {
     "consistency": "stepdistill.trainers.consistency:ConsistencyMethod",
     "vsd": "stepdistill.trainers.vsd:VSDMethod",
     "msd": "stepdistill.trainers.multi_student:MultiStudentMethod",
+    "agd": "stepdistill.trainers.guidance:AGDMethod",
 }
 
 

@@ -98,9 +98,22 @@ def _conditions(family, spec: TrajectorySpec, idx: list[int], prompts: list[str]
     return family.prompt_cond([prompts[i % len(prompts)] for i in idx], device)
 
 
-def _timesteps(teacher, scheduler, steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler grid (network timesteps) and each step's next point (-1 / 0 = the clean end)."""
-    scheduler.set_timesteps(steps, device="cpu")
+def _timesteps(family, teacher, steps: int, resolution: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler grid (network timesteps) as the pipeline sets it, and each step's next point (-1 for DDPM-type
+    schedules, 0 for flow matching: the clean end)."""
+    scheduler = family.pipe.scheduler
+    if scheduler.config.get("use_dynamic_shifting", False):  # Flux-type: the shift depends on the token count
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        h, w = family.noise_shape(1, resolution)[2:]
+        c = scheduler.config
+        mu = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
+    else:
+        scheduler.set_timesteps(steps, device="cpu")
     ts = scheduler.timesteps.to(device).float()
     end = torch.zeros(1, device=device) if teacher.is_flow else torch.full((1,), -1.0, device=device)
     return ts, torch.cat([ts[1:], end])
@@ -139,7 +152,7 @@ def _sample_shard(family, teacher, spec: TrajectorySpec, k: int, prompts: list[s
     from stepdistill.trainers.data_stream import derive_seed
 
     dtype = getattr(torch, spec.dtype)
-    ts, ts_next = _timesteps(teacher, family.pipe.scheduler, spec.steps, device)
+    ts, ts_next = _timesteps(family, teacher, spec.steps, spec.resolution, device)
     idx_all = list(spec.shard_range(k))
     parts: dict[str, list[torch.Tensor]] = {}
     for b0 in range(0, len(idx_all), batch_size):

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from _tiny import ROOT, save_class_teacher
-from _tiny_sd import build_tiny_sd
+from _tiny_sd import build_tiny_flux, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 from safetensors.torch import load_file
 
 from stepdistill.cli import main as cli
@@ -290,3 +290,45 @@ def test_tiny_sd_trajectories_train_and_load_in_diffusers(tmp_path):
     img = guided(["a red square"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16,
                  output_type="np").images
     assert img.shape == (1, 16, 16, 3) and calls == [1, 1]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_adapters_on_every_family(family, tmp_path):
+    """Cross-attention (SDXL), joint attention (SD3, Flux dual and single blocks): zero init, then a change."""
+    from stepdistill.families import family_of
+
+    build = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
+             "flux": lambda p: build_tiny_flux(p, guidance_embeds=False)}[family]
+    path = build(tmp_path / family)
+    fam = family_of(load_pipeline(path), path, resolution=16)
+    net = fam.network
+    cond, _ = fam.prompt_cond(["a cat", "a dog"])
+    x, t = torch.randn(fam.noise_shape(2, 16)), torch.tensor([500.0, 200.0])
+    base = fam.call(net, x, t, cond)
+    for kind in ("attention", "additive"):
+        adapters = GuidanceAdapters.for_network(net, kind=kind, hidden=8, timestep_scale=fam.network_timestep_scale)
+        assert adapters.config.layers and all(out > 0 for out, _ in adapters.config.layers.values())
+        adapters.attach(net)
+        with adapters.guidance(torch.tensor([2.0, 3.0])):
+            assert torch.equal(fam.call(net, x, t, cond), base)
+            with torch.no_grad():
+                for p in adapters.parameters():
+                    p.normal_()
+            assert (fam.call(net, x, t, cond) - base).abs().max() > 1e-3
+        adapters.detach()
+    assert torch.equal(fam.call(net, x, t, cond), base)
+
+
+def test_flow_teacher_trajectories_and_guidance_distilled_refusal(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    sd3 = build_tiny_sd3(tmp_path / "sd3")
+    traj = write_trajectories(sd3, tmp_path / "traj", 1, steps=3, prompts_file=str(prompts), resolution=16,
+                              progress=False)
+    ds = TrajectoryDataset(traj)
+    ts = [float(ds[j]["t"]) for j in range(3)]
+    assert ts[0] == pytest.approx(1000.0) and ts == sorted(ts, reverse=True)  # sigma * 1000, from pure noise
+    flux_dev = build_tiny_flux(tmp_path / "flux", guidance_embeds=True)
+    with pytest.raises(UserError, match="guidance-distilled"):
+        write_trajectories(flux_dev, tmp_path / "t2", 1, prompts_file=str(prompts), progress=False)
+    assert not (tmp_path / "t2").exists()

@@ -45,7 +45,9 @@ def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_
                    teacher_guidance=TEACHER_GUIDANCE)
     save_grid(res["images"][:100], out_dir / f"grid_{name.replace(' ', '_')}.png", nrow=10)
     values = evaluate(res["images"], res["labels"], None, ref="digits16", metrics=metrics, device=device)
-    nfe = steps * (2 if guidance != 1.0 else 1) + 2 * teacher_steps
+    # CFG costs two network calls per step, except through guidance adapters (an AdapterGuidancePipeline: one).
+    two = guidance != 1.0 and getattr(pipe, "__dict__", {}).get("adapters") is None
+    nfe = steps * (2 if two else 1) + 2 * teacher_steps
     row = {"name": name, "steps": steps, "guidance": guidance, "nfe": nfe,
            "samples_per_s": num_samples / res["seconds"], "timesteps": res["timesteps"], **values}
     return row, res["images"]

@@ -77,7 +77,6 @@ def run_agd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
                              device=device)
         agd_row, _ = measure(agd, f"AGD {n} steps w={w_default}", n, w_default, num_samples, out_dir, seed,
                              device=device)
-        agd_row["nfe"] = n  # one network call per step
         rows += [cfg_row, agd_row]
         pairs.append((n, cfg_row, agd_row))
     sweep_rows = []
@@ -91,8 +90,6 @@ def run_agd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
             else:
                 row, _ = measure(pipe, f"{kind} sweep {n_sweep} steps w={w}", n_sweep, w, num_samples, out_dir, seed,
                                  device=device)
-                if kind == "AGD":
-                    row["nfe"] = n_sweep
             row["sweep"] = kind
             sweep_rows.append(row)
     _plot_sweep(sweep_rows, out_dir / "sweep.png")

@@ -307,6 +307,13 @@ COMPARISON_ROWS = {"vsd": [("dmd2 student", "digits16_dmd2")]}
 DIVERSITY_ROWS = {"vsd": (1, 2)}
 
 
+# Benchmarks that train their own recipes: name -> (module of stepdistill.eval, its run function, the recipes).
+OWN_RECIPE_BENCHES = {
+    "msd": ("bench_msd", "run_msd_bench", "digits16_dmd2, digits16_msd, digits16_msd_small"),
+    "agd": ("bench_agd", "run_agd_bench", "digits16_agd"),
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from stepdistill.eval import bench
 
@@ -327,21 +334,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.run_teacher_baseline(args.out, num_samples=args.num_samples, overwrite=args.overwrite, device=device,
                                    pipeline=args.pipeline)
         return 0
-    if args.which == "msd":
+    if args.which in OWN_RECIPE_BENCHES:
+        module, fn, recipes = OWN_RECIPE_BENCHES[args.which]
         if args.config or args.curve or args.student_steps:
-            raise UserError("bench msd trains its own recipes (digits16_dmd2, digits16_msd, digits16_msd_small): "
-                            "drop --config / --curve / --student-steps")
-        from stepdistill.eval.bench_msd import run_msd_bench
-
-        run_msd_bench(args.out, args.overrides, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
-        return 0
-    if args.which == "agd":
-        if args.config or args.curve or args.student_steps:
-            raise UserError("bench agd trains its own recipe (digits16_agd): drop --config, --curve and "
+            raise UserError(f"bench {args.which} trains its own recipes ({recipes}): drop --config, --curve and "
                             "--student-steps")
-        from stepdistill.eval.bench_agd import run_agd_bench
+        import importlib
 
-        run_agd_bench(args.out, args.overrides, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
+        run = getattr(importlib.import_module(f"stepdistill.eval.{module}"), fn)
+        run(args.out, args.overrides, num_samples=args.num_samples, overwrite=args.overwrite, device=device)
         return 0
     if args.which not in DISTILL_BENCHES:
         raise UserError(f"unknown benchmark '{args.which}' (available: real, teacher, memory, msd, agd, "

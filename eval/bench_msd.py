@@ -53,7 +53,7 @@ def _split(row: dict, images: np.ndarray, router, device) -> list[dict]:
             for r in rows]
 
 
-def _parallel_ratio(out_dir: Path, steps: int, overrides: list[str]) -> dict:
+def parallel_ratio(out_dir: Path, steps: int, overrides: list[str]) -> dict:
     """Wall time of 2 students on 2 processes (``steps`` steps) and on 1 process (2 x ``steps``), fresh processes.
 
     Every process computes on one thread, i.e. one core stands for one device: a single process would otherwise
@@ -125,7 +125,7 @@ def run_msd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
         rows.append(row)
         by_label[label] = row
         rows.extend(_split(row, images, router, device))
-    parallel = _parallel_ratio(out_dir, parallel_steps, overrides)
+    parallel = parallel_ratio(out_dir, parallel_steps, overrides)
     wall = time.perf_counter() - t0
 
     one, tot, each, sm = (by_label[label] for label, _, _ in runs)

@@ -62,7 +62,7 @@ def parallel_ratio(out_dir: Path, steps: int, overrides: list[str]) -> dict:
     import os
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    common = ["--config", "digits16_msd", "method_args.num_students=2", "train.sample_every=0",
+    common = ["--config", "digits16_msd", "--overwrite", "method_args.num_students=2", "train.sample_every=0",
               "train.checkpoint_every=0", "train.tracker=none", *overrides]
     runs = {
         "1 process": [sys.executable, "-m", "stepdistill", "train", "msd", "--out", str(out_dir / "parallel_1proc"),

@@ -174,9 +174,6 @@ class _GuidedProcessor:
             return out
         ctx = kwargs.get("encoder_hidden_states", args[0] if args else None)
         main = out[0] if isinstance(out, tuple) else out
-        if emb.shape[0] != main.shape[0]:
-            raise UserError(f"guidance adapters got {emb.shape[0]} guidance scales for a batch of {main.shape[0]}: "
-                            "call the pipeline with guidance_scale as AGD's w (it makes one pass, no CFG batch)")
         main = main + self.adapter(main, emb, ctx)
         return (main, *out[1:]) if isinstance(out, tuple) else main
 

@@ -188,7 +188,7 @@ def _sample_shard(family, teacher, spec: TrajectorySpec, k: int, prompts: list[s
     return {key: torch.cat(v).contiguous() for key, v in parts.items()}
 
 
-def _estimate_bytes(family, teacher, spec: TrajectorySpec, prompts: list[str] | None, device) -> int:
+def _estimate_bytes(family, spec: TrajectorySpec, prompts: list[str] | None, device) -> int:
     """Bytes of the whole folder: two tensors of the noise shape per state, the scalars, the conditioning."""
     numel = 1
     for d in family.noise_shape(1, spec.resolution)[1:]:
@@ -277,13 +277,14 @@ def write_trajectories(teacher_name: str, out: str | Path, num_trajectories: int
     teacher = family.denoiser(net.requires_grad_(False).eval())
     mine = [k for k in range(spec.num_shards) if k % world == rank]
     todo = [k for k in mine if not _shard_ok(out, spec, k)]
+    mine_count, todo_count = (sum(len(spec.shard_range(k)) for k in ks) for ks in (mine, todo))
     if rank == 0:
-        size = _estimate_bytes(family, teacher, spec, prompts, device)
+        size = _estimate_bytes(family, spec, prompts, device)
         print(f"{spec.num_trajectories} trajectories x {steps} states in {spec.num_shards} shards, about "
-              f"{size / 2**20:.1f} MiB; {sum(len(spec.shard_range(k)) for k in todo)} trajectories to write on this "
+              f"{size / 2**20:.1f} MiB; {todo_count} trajectories to write on this "
               f"process ({world} process(es))", file=sys.stderr)
-    bar = tqdm(total=sum(len(spec.shard_range(k)) for k in mine), disable=not progress, desc=f"trajectories r{rank}",
-               initial=sum(len(spec.shard_range(k)) for k in mine if k not in todo), dynamic_ncols=True)
+    bar = tqdm(total=mine_count, initial=mine_count - todo_count, disable=not progress, desc=f"trajectories r{rank}",
+               dynamic_ncols=True)
     die_after = int(os.environ.get(_TEST_DIE_ENV, "-1"))
     for n_done, k in enumerate(todo):
         tmp = out / f".{shard_name(k)}.tmp"

@@ -1,12 +1,5 @@
-"""Evaluation: FID / KID (genuine Inception), fd_digits and accuracy (shipped digits classifier), CLIP score.
+"""Evaluation: FID / KID / precision / recall (genuine Inception), FD-digits and accuracy (the shipped digits
+classifier), grain, CLIP score, and sample generation for them. No training happens here.
 
-Heavy pieces (Inception, CLIP, the digits net) load lazily inside :func:`evaluate`, so importing this package is cheap.
+``from stepdistill.eval.harness import evaluate`` is the one entry point of every metric.
 """
-
-from .frechet import feature_stats, frechet_distance, kid, load_stats, load_stats_meta, save_stats
-from .harness import METRICS, evaluate, format_table, parse_metrics
-
-__all__ = [
-    "METRICS", "evaluate", "feature_stats", "format_table", "frechet_distance", "kid", "load_stats",
-    "load_stats_meta", "parse_metrics", "save_stats",
-]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import CLIPModel, CLIPProcessor
 
 from stepdistill.errors import UserError, first_line
 
@@ -25,8 +26,6 @@ from .inception import check_uint8_nhwc, torch_threads
 @lru_cache(maxsize=2)
 def _load_cached(path: str, device: str):
     """CLIPModel + CLIPProcessor from a local folder, once per (folder, device)."""
-    from transformers import CLIPModel, CLIPProcessor
-
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(path, local_files_only=True)

@@ -15,6 +15,7 @@ Retrain (fixed seed, < 1 minute on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import time
 from functools import lru_cache
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from stepdistill.data import load_digits16
 from stepdistill.errors import UserError
 
 from .inception import check_uint8_nhwc
@@ -90,16 +93,12 @@ class DigitsNet(nn.Module):
 
 def digits_classifier_dir() -> Path:
     """Folder of the shipped classifier weights inside the installed stepdistill package."""
-    import importlib.resources
-
     return Path(str(importlib.resources.files("stepdistill") / "assets" / _ASSET))
 
 
 @lru_cache(maxsize=2)
 def _load_cached(folder: str, device: str) -> tuple[DigitsNet, dict]:
     """Build the net from config.json and load model.safetensors once per (folder, device)."""
-    from safetensors.torch import load_file
-
     cfg_path, w_path = Path(folder) / "config.json", Path(folder) / "model.safetensors"
     if not (cfg_path.is_file() and w_path.is_file()):
         raise UserError(f"digits classifier weights missing in '{folder}'; rebuild them with "
@@ -153,10 +152,6 @@ def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torc
 def train_digits_classifier(out: str | Path, epochs: int = 20, seed: int = 0, heldout_frac: float = 0.2,
                             batch_size: int = 64, lr: float = 2e-3, max_shift: int = 1) -> dict:
     """Train on a stratified split of digits16 with random shifts; write model.safetensors + config.json."""
-    from safetensors.torch import save_file
-
-    from stepdistill.data import load_digits16
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y = load_digits16()

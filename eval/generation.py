@@ -7,19 +7,22 @@ import copy
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from stepdistill.data import PromptFile
 from stepdistill.errors import UserError, first_line
+from stepdistill.images import float_to_uint8
+from stepdistill.pipelines import accepts_timesteps, family_of, recorded_schedule
+from stepdistill.pipelines.diversity import hybrid_sample, hybrid_schedule, student_timesteps_of
 
 
 def swap_scheduler(pipe, name: str | None):
     """Replace the pipeline's scheduler by diffusers scheduler class ``name`` built from the same config."""
     if not name:
         return pipe
-    import diffusers
-
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         raise UserError(f"unknown scheduler '{name}' (use a diffusers class name such as DDIMScheduler, "
@@ -31,26 +34,9 @@ def swap_scheduler(pipe, name: str | None):
     return pipe
 
 
-def pipeline_kind(pipe) -> str:
-    """"class" (class-conditional), "text" (prompt-conditioned) or "uncond"."""
-    students = getattr(type(pipe), "students", None) is None and getattr(pipe, "__dict__", {}).get("students")
-    if students:  # a MultiStudentPipeline is of its students' kind
-        return pipeline_kind(students[0])
-    base = getattr(pipe, "__dict__", {}).get("adapters") is not None and pipe.__dict__.get("pipe")
-    if base:  # an AdapterGuidancePipeline is of its base pipeline's kind
-        return pipeline_kind(base)
-    if type(pipe).__name__ == "ClassConditionalPipeline":
-        return "class"
-    if hasattr(pipe, "tokenizer") or hasattr(pipe, "text_encoder"):
-        return "text"
-    return "uncond"
-
-
 def read_prompts(path: str | None) -> list[str] | None:
     if path is None:
         return None
-    from stepdistill.data import PromptFile
-
     return PromptFile(path).prompts
 
 
@@ -70,8 +56,6 @@ def parse_timesteps(text: str | None, pipe) -> list[int] | None:
     n_train = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= n_train or ts[-1] < 0:
         raise UserError(f"--timesteps must be distinct and descending in [0, {n_train - 1}], got {text!r}")
-    from stepdistill.pipelines import accepts_timesteps
-
     if not accepts_timesteps(pipe):
         raise UserError(f"{type(pipe).__name__} with {type(pipe.scheduler).__name__} does not accept explicit "
                         "timesteps; drop --timesteps or pass --scheduler LCMScheduler (or another scheduler that "
@@ -104,24 +88,21 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         raise UserError("--steps must be at least 1")
     sigmas = None
     if teacher_steps:
-        from stepdistill.pipelines.diversity import hybrid_sample, hybrid_schedule, student_timesteps_of
-
         flow = "FlowMatch" in type(pipe.scheduler).__name__
         timesteps = hybrid_schedule(int(pipe.scheduler.config.get("num_train_timesteps", 1000)), teacher_steps,
                                     student_timesteps_of(pipe), flow)
     elif timesteps is None:  # a student's recorded schedule for this step count, if it has one
-        from stepdistill.pipelines import recorded_schedule
-
         recorded = recorded_schedule(pipe, steps)
         timesteps, sigmas = recorded.get("timesteps"), recorded.get("sigmas")
-    kind = pipeline_kind(pipe)
-    labels = None
-    if kind == "class":
-        labels = np.arange(num_samples) % pipe.num_classes
-    elif kind == "text":
+    family = family_of(pipe)
+    if family.kind == "class":
+        conditions = list(np.arange(num_samples) % family.classes.num_classes)
+    elif family.kind == "text":
         if not prompts:
             raise UserError("this pipeline is text-conditioned: pass --prompts FILE (one prompt per line)")
-        prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
+        conditions = [prompts[i % len(prompts)] for i in range(num_samples)]
+    else:
+        conditions = [None] * num_samples
     out = []
     t0 = time.perf_counter()
     n_steps = len(timesteps) if timesteps else steps
@@ -129,36 +110,24 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
                       unit="batch"):
         idx = range(start, min(start + batch_size, num_samples))
         gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in idx]
-        common = {"generator": gens, "output_type": "np"}
+        chosen = conditions[start: start + len(idx)]
         if teacher_steps:
-            size = None if kind == "class" else (
-                (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor)
             res = hybrid_sample(pipe, teacher, teacher_steps, teacher_guidance, gens,
-                                labels=None if labels is None else torch.as_tensor(labels[start: start + len(idx)]),
-                                prompts=None if prompts is None else prompts[start: start + len(idx)],
-                                resolution=size, output_type="np")
-            out.append((np.asarray(res.images) * 255).round().clip(0, 255).astype(np.uint8))
+                                labels=torch.as_tensor(chosen) if family.kind == "class" else None,
+                                prompts=chosen if family.kind == "text" else None, resolution=family.resolution,
+                                output_type="np")
+            out.append(float_to_uint8(res.images))
             continue
-        if timesteps is not None:
-            common["timesteps"] = list(timesteps)
-        elif sigmas is not None:
-            common["sigmas"] = list(sigmas)
-        else:
-            common["num_inference_steps"] = steps
-        if kind == "class":
-            res = pipe(torch.as_tensor(labels[start: start + len(idx)]), guidance_scale=guidance, **common)
-        elif kind == "text":
-            res = pipe(prompt=prompts[start: start + len(idx)], guidance_scale=guidance, **common)
-        else:
-            res = pipe(batch_size=len(idx), **common)
-        imgs = np.asarray(res.images)
-        out.append((imgs * 255).round().clip(0, 255).astype(np.uint8))
+        schedule = ({"timesteps": list(timesteps)} if timesteps is not None else
+                    {"sigmas": list(sigmas)} if sigmas is not None else {"num_inference_steps": steps})
+        out.append(family.sample(pipe, chosen, gens, guidance, **schedule))
     seconds = time.perf_counter() - t0
     images = np.concatenate(out)
     if images.ndim == 3:
         images = images[..., None]
-    return {"images": images, "labels": labels, "prompts": prompts, "seconds": seconds,
-            "timesteps": list(timesteps) if timesteps is not None else None,
+    labels = np.asarray(conditions, dtype=np.int64) if family.kind == "class" else None
+    return {"images": images, "labels": labels, "prompts": conditions if family.kind == "text" else None,
+            "seconds": seconds, "timesteps": list(timesteps) if timesteps is not None else None,
             "sigmas": list(sigmas) if sigmas is not None else None}
 
 

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stepdistill.data import DIGITS16_SIZE
 from stepdistill.errors import UserError
+
+from .inception import check_uint8_nhwc
 
 
 @lru_cache(maxsize=1)
 def _off_subspace_projector() -> np.ndarray:
     """I - P, with P the orthogonal projector (256 x 256) onto the span of bilinearly upsampled 8x8 images."""
-    from stepdistill.data import DIGITS16_SIZE
-
     basis = torch.eye(64, dtype=torch.float64).reshape(64, 1, 8, 8)
     # The same upsampling as stepdistill.data builds digits16 with (each basis image's 16x16 rendering).
     up = F.interpolate(basis, size=(DIGITS16_SIZE, DIGITS16_SIZE), mode="bilinear", align_corners=False)
@@ -38,8 +39,6 @@ def _off_subspace_projector() -> np.ndarray:
 
 
 def _check(images_uint8: np.ndarray, what: str) -> np.ndarray:
-    from .inception import check_uint8_nhwc
-
     images_uint8 = check_uint8_nhwc(images_uint8, "samples")
     if images_uint8.shape[1:3] != (16, 16):
         raise UserError(f"{what} is defined for 16x16 digits16 samples, got shape {images_uint8.shape}; "

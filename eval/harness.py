@@ -2,7 +2,7 @@
 
 References (``ref``):
 
-- ``"digits16"``: the 1797 real digits (uint8 exactly as :func:`stepdistill.data.to_uint8` renders them). Their
+- ``"digits16"``: the 1797 real digits (uint8 exactly as :func:`stepdistill.images.to_uint8` renders them). Their
   Inception features are computed once (~4 minutes on 2 CPU cores) and cached in ``$STEPDISTILL_CACHE`` (default
   ``~/.cache/stepdistill``), keyed by a hash of the preprocessing, the weight file's size/mtime and the images.
 - a ``.npz`` statistics file (``mu``/``sigma`` of Inception pool3 features, see :func:`.frechet.save_stats`): FID
@@ -21,14 +21,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stepdistill.data import ImageFolder, load_digits16
 from stepdistill.errors import UserError
+from stepdistill.images import to_uint8
 
-from .frechet import feature_stats, frechet_distance, kid, load_stats, load_stats_meta, rank_deficient_message
-from .inception import INCEPTION_DIM, check_uint8_nhwc, inception_features, inception_preprocessing
+from .clip_score import clip_preprocessing, clip_score
+from .digits_net import digits_preprocessing, load_digits_classifier
+from .frechet import (
+    feature_stats,
+    frechet_distance,
+    kid,
+    load_stats,
+    load_stats_meta,
+    rank_deficient_message,
+    save_stats,
+)
+from .grain import grain
+from .inception import (
+    INCEPTION_DIM,
+    check_uint8_nhwc,
+    inception_features,
+    inception_preprocessing,
+    inception_weights_path,
+)
+from .metric_names import METRICS
 from .precision_recall import precision_recall
 
-METRICS = ("fid", "kid", "precision", "recall", "fd_digits", "accuracy", "precision_digits", "recall_digits",
-           "grain", "clip")
 # Metrics computed in Inception feature space; they share one pass over the samples.
 _INCEPTION_METRICS = {"fid", "kid", "precision", "recall"}
 # Metrics computed in the digits classifier's feature space.
@@ -61,16 +79,12 @@ def parse_metrics(metrics: str | list[str]) -> list[str]:
 
 def digits16_uint8() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 real digits as uint8 NHWC (N, 16, 16, 1) and their labels."""
-    from stepdistill.data import load_digits16, to_uint8
-
     x, y = load_digits16()
     return to_uint8(x), y.numpy()
 
 
 def _load_folder(path: Path, resolution: int, channels: int) -> np.ndarray:
     """All images of a folder as uint8 NHWC at the samples' resolution and channel count."""
-    from stepdistill.data import ImageFolder, to_uint8
-
     ds = ImageFolder(path, resolution, center_crop=True, channels=channels)
     return to_uint8(torch.stack([ds[i]["image"] for i in range(len(ds))]))
 
@@ -82,10 +96,6 @@ def save_reference_stats(folder: str | Path, out: str | Path, resolution: int, d
     Images are decoded ``chunk`` at a time, so a large data set never sits in memory as pixels; they are resized and
     center-cropped to ``resolution``, the size the generated samples will have.
     """
-    from stepdistill.data import ImageFolder, to_uint8
-
-    from .frechet import save_stats
-
     ds = ImageFolder(Path(folder), resolution, center_crop=True, channels=3)
     feats = []
     for start in range(0, len(ds), chunk):
@@ -99,9 +109,6 @@ def save_reference_stats(folder: str | Path, out: str | Path, resolution: int, d
 
 def _digits16_inception_features(device, batch_size: int) -> np.ndarray:
     """Inception features of the real digits16, from the cache or computed once and cached (float32 .npy)."""
-    from .frechet import save_stats
-    from .inception import inception_weights_path
-
     images, _ = digits16_uint8()
     w = inception_weights_path()
     st = w.stat()
@@ -252,8 +259,6 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
             if {"precision", "recall"} & set(metrics):
                 result["precision"], result["recall"], result["pr_num"] = precision_recall(feats, feats_r)
         if _DIGITS_METRICS & set(metrics):
-            from .digits_net import digits_preprocessing, load_digits_classifier
-
             net = load_digits_classifier(device)
             prep["digits"] = digits_preprocessing()
             if {"fd_digits", "precision_digits", "recall_digits"} & set(metrics):
@@ -266,14 +271,10 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
             if "accuracy" in metrics:
                 result["accuracy"] = float((net.predict(images) == labels).mean())
         if "grain" in metrics:
-            from .grain import grain
-
             prep["grain"] = {"input": "uint8 NHWC 16x16, RGB averaged to gray, x / 127.5 - 1",
                              "subspace": "span of 8x8 images upsampled bilinearly (align_corners=False) to 16x16"}
             result["grain"] = grain(images)
         if "clip" in metrics:
-            from .clip_score import clip_preprocessing, clip_score
-
             prep["clip"] = clip_preprocessing(clip_model)
             result["clip"] = clip_score(images, prompts, clip_model, device, batch_size)
         caught = [x for x in w if "rank-deficient" not in str(x.message)]

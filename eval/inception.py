@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from stepdistill.errors import UserError
 
@@ -98,7 +99,7 @@ def check_uint8_nhwc(images: np.ndarray, name: str = "images") -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise UserError(f"{name} must be uint8 NHWC (got dtype {images.dtype}); "
-                        "convert with stepdistill.data.to_uint8")
+                        "convert with stepdistill.images.to_uint8")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise UserError(f"{name} must be uint8 (N, H, W, C) with C = 1 or 3, got shape {images.shape}")
     if len(images) == 0:
@@ -121,8 +122,6 @@ def _to_inception_input(batch: np.ndarray, device: torch.device) -> torch.Tensor
 def inception_features(images: np.ndarray, device: str | torch.device = "cpu", batch_size: int = 50,
                        progress: bool = True, desc: str = "inception") -> np.ndarray:
     """(N, 2048) float32 pool3 features of uint8 NHWC ``images``; about 0.15 s/image on a 2-core CPU."""
-    from tqdm.auto import tqdm
-
     images = check_uint8_nhwc(images)
     device = torch.device(device)
     net = load_inception(device)

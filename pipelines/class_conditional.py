@@ -8,7 +8,9 @@ trust_remote_code=True)``. The file must therefore stay self-contained (diffuser
 
 from __future__ import annotations
 
-import numpy as np
+import shutil
+from pathlib import Path
+
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers import SchedulerMixin
@@ -52,13 +54,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         import importlib
 
         # Looked up at call time: a top-level import would make this file (shipped as pipeline.py) need stepdistill.
-        importlib.import_module("stepdistill.pipelines.lora").load_lora(self, path, fuse=fuse)
+        importlib.import_module("stepdistill.pipelines.lora").load_class_lora(self, self.unet, path, fuse=fuse)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' ``save_pretrained``, plus this file as ``pipeline.py`` (loadable as a custom pipeline)."""
-        import shutil
-        from pathlib import Path
-
         super().save_pretrained(save_directory, *args, **kwargs)
         shutil.copyfile(__file__, Path(save_directory) / "pipeline.py")
 
@@ -128,8 +127,3 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
-
-
-def numpy_to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float NHWC in [0, 1] -> uint8 NHWC (rounded)."""
-    return (images * 255).round().clip(0, 255).astype(np.uint8)

@@ -13,13 +13,15 @@ works: our class-conditional pipeline, SD / SDXL (``timesteps``), SD3 / Flux (``
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from stepdistill.errors import UserError
+
+from .families import family_of
+from .loading import load_pipeline
 
 
 def teacher_of(student: Any) -> str:
@@ -66,12 +68,10 @@ def hybrid_sample(student: Any, teacher: Any, teacher_steps: int, teacher_guidan
         student, teacher: loaded pipelines of the same family (the student exported by stepdistill).
         generators: one per sample; the initial noise and the student's re-noising draw from them.
         labels / prompts: the conditions (class pipelines / text pipelines).
-        resolution: image side for text pipelines (class pipelines use their network's size).
+        resolution: image side for text pipelines (default: the pipeline's; class pipelines use their network's).
         student_guidance: ``guidance_scale`` for the student pipeline (default: 1, or Flux-dev's guidance input).
     Returns: the student pipeline's output (``.images``).
     """
-    from stepdistill.families import family_of
-
     if teacher_steps < 1:
         raise UserError(f"--teacher-steps must be at least 1, got {teacher_steps}")
     n = len(generators)
@@ -80,34 +80,25 @@ def hybrid_sample(student: Any, teacher: Any, teacher_steps: int, teacher_guidan
     device = next(family.network.parameters()).device
     if family.classes is not None:
         cond, uncond = family.classes.cond(labels.to(device)), family.classes.uncond(n, device)
-        size = family.network.config.sample_size
     else:
-        if resolution is None:
-            raise UserError("diversity distillation of a text pipeline needs the image size (--resolution)")
         cond, uncond = family.prompt_cond(list(prompts), device)
-        size = resolution
-    shape = family.noise_shape(n, size)
+    shape = family.noise_shape(n)
     x = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
     ts = hybrid_schedule(den.num_train_timesteps, teacher_steps, student_timesteps_of(student), den.is_flow)
     w = None if teacher_guidance == 1.0 else teacher_guidance
     for t, t_next in zip(ts[:teacher_steps], ts[1: teacher_steps + 1]):
         x = den.solver_step(x, torch.full((n,), t, device=device), t_next, cond, guidance_scale=w, uncond=uncond)
-    rest = ts[teacher_steps:]
-    takes_sigmas = "sigmas" in inspect.signature(student.__call__).parameters
-    when = ({"sigmas": [t / den.num_train_timesteps for t in rest]} if den.is_flow and takes_sigmas
-            else {"timesteps": rest})
+    when = family.schedule_kwargs(ts[teacher_steps:], den.num_train_timesteps)
     if family.classes is not None:
         return student(labels, generator=generators, latents=x, output_type=output_type, **when)
     if student_guidance is None:
         student_guidance = family.distilled_guidance_scale
-    return student(list(prompts), generator=generators, latents=x, output_type=output_type, height=resolution,
-                   width=resolution, guidance_scale=student_guidance, **when)
+    return student(list(prompts), generator=generators, latents=x, output_type=output_type, height=family.resolution,
+                   width=family.resolution, guidance_scale=student_guidance, **when)
 
 
 def load_teacher_for(student: Any, teacher: str | None, device: Any = None) -> Any:
     """The teacher pipeline to pair with ``student``: ``teacher`` if given, else the one its export records."""
-    from stepdistill.pipelines import load_pipeline
-
     ref = teacher or teacher_of(student)
     if not teacher and Path(ref).is_absolute() and not Path(ref).exists():
         raise UserError(f"the teacher this student records ('{ref}') is not on this machine: pass --teacher")

@@ -40,9 +40,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stepdistill.errors import UserError, first_line
+
+from .families import Family, family_of
+from .folders import load_diffusers_pipeline
 
 ADAPTER_DIR = "guidance_adapter"
 CONFIG_FILE = "adapter_config.json"
@@ -60,34 +64,13 @@ def sinusoidal(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def network_of(pipe) -> tuple[str, nn.Module]:
-    """(attribute, network) of a pipeline's denoising network (``unet`` or ``transformer``)."""
-    for attr in ("unet", "transformer"):
-        net = getattr(pipe, attr, None)
-        if isinstance(net, nn.Module):
-            return attr, net
-    raise UserError(f"a {type(pipe).__name__} has no unet or transformer to put guidance adapters on")
-
-
-def _attention_modules(net: nn.Module) -> dict[str, nn.Module]:
-    """Every diffusers attention block of ``net`` (a module with a swappable ``processor``), by module name.
-    (``UNet2DModel`` has no ``attn_processors`` / ``set_attn_processor``, so the blocks are found directly.)"""
-    return {name: m for name, m in net.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}
-
-
-def attention_layers(net: nn.Module) -> dict[str, list[int]]:
-    """The attention blocks adapters go on: module name -> [output channels, condition-token channels or 0].
-
-    Networks with cross-attention (UNet2DConditionModel) get adapters on their cross-attention only; all others on
-    every attention block (self-attention, joint attention)."""
-    found = {name: (module, bool(getattr(module, "is_cross_attention", False)))
-             for name, module in _attention_modules(net).items()}
-    if any(cross for _, cross in found.values()):
-        found = {k: v for k, v in found.items() if v[1]}
+def attention_layers(blocks: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """The adapted attention ``blocks`` (the family's :meth:`~stepdistill.pipelines.families.Family.attention_blocks`)
+    as module name -> [output channels, condition-token channels or 0]."""
     layers = {}
-    for name, (module, cross) in found.items():
+    for name, module in blocks.items():
         out = getattr(module, "out_dim", None) or getattr(module, "inner_dim", None) or module.query_dim
-        if cross:
+        if getattr(module, "is_cross_attention", False):
             ctx = int(module.cross_attention_dim)
         else:  # joint attention (SD3 / Flux dual-stream blocks) sees the text tokens through its added projections
             ctx = int(getattr(module, "added_kv_proj_dim", None) or 0)
@@ -220,9 +203,9 @@ class GuidanceAdapters(nn.Module):
         self._attached: list[tuple[nn.Module, dict[str, Any], Any]] = []
 
     @classmethod
-    def for_network(cls, net: nn.Module, **kwargs) -> GuidanceAdapters:
-        """Fresh adapters for ``net`` (``kwargs``: the other :class:`AdapterConfig` fields)."""
-        layers = attention_layers(net)
+    def for_network(cls, family: Family, net: nn.Module, **kwargs) -> GuidanceAdapters:
+        """Fresh adapters for ``net`` of ``family`` (``kwargs``: the other :class:`AdapterConfig` fields)."""
+        layers = attention_layers(family.attention_blocks(net))
         if not layers:
             raise UserError(f"a {type(net).__name__} has no attention blocks to put guidance adapters on")
         class_emb = getattr(net, "class_embedding", None)
@@ -233,19 +216,20 @@ class GuidanceAdapters(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # --- attaching ---------------------------------------------------------------------------------------------------
-    def check_fits(self, net: nn.Module, what: str = "this network") -> None:
-        """UserError unless ``net`` has the architecture the adapters were made for."""
-        layers = attention_layers(net)
+    def check_fits(self, family: Family, net: nn.Module, what: str = "this network") -> None:
+        """UserError unless ``net`` of ``family`` has the architecture the adapters were made for."""
+        layers = attention_layers(family.attention_blocks(net))
         if type(net).__name__ != self.config.network_class or layers != self.config.layers:
             raise UserError(f"the guidance adapters fit a {self.config.network_class} with {len(self.config.layers)} "
                             f"adapted attention blocks (trained on '{self.config.teacher}'); {what} is a "
                             f"{type(net).__name__} with {len(layers)} of another shape: load them onto the same base "
                             "architecture")
 
-    def attach(self, net: nn.Module) -> None:
-        """Wrap ``net``'s attention processors and hook its forward (the weights of ``net`` are not touched)."""
-        self.check_fits(net)
-        modules = _attention_modules(net)
+    def attach(self, family: Family, net: nn.Module) -> None:
+        """Wrap the attention processors of ``net`` (of ``family``) and hook its forward (the weights of ``net`` are
+        not touched)."""
+        self.check_fits(family, net)
+        modules = family.attention_blocks(net)
         original = {name: modules[name].processor for name in self.config.layers}
         for name, proc in original.items():
             modules[name].set_processor(_guided_processor(proc, self.blocks[_key(name)], self))
@@ -255,9 +239,8 @@ class GuidanceAdapters(nn.Module):
     def detach(self) -> None:
         """Give every attached network its own processors back."""
         for net, original, hook in self._attached:
-            modules = _attention_modules(net)
             for name, proc in original.items():
-                modules[name].set_processor(proc)
+                net.get_submodule(name).set_processor(proc)
             hook.remove()
         self._attached = []
 
@@ -298,8 +281,6 @@ class GuidanceAdapters(nn.Module):
 
     # --- saving ------------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
@@ -307,8 +288,6 @@ class GuidanceAdapters(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> GuidanceAdapters:
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         if (folder / ADAPTER_DIR).is_dir():
             folder = folder / ADAPTER_DIR
@@ -326,15 +305,6 @@ def _key(module_name: str) -> str:
     return module_name.replace(".", "__")
 
 
-def _no_cfg_kwargs(pipe) -> dict:
-    """Arguments that switch the pipeline's own CFG off (one network call per step)."""
-    params = inspect.signature(pipe.__call__).parameters
-    kwargs = {"guidance_scale": 1.0} if "guidance_scale" in params else {}
-    if "true_cfg_scale" in params:  # FluxPipeline's two-pass CFG
-        kwargs["true_cfg_scale"] = 1.0
-    return kwargs
-
-
 class AdapterGuidancePipeline:
     r"""A pipeline whose ``guidance_scale=w`` is one network call per step: the base pipeline sampled without its own
     CFG while the guidance adapters supply w.
@@ -350,11 +320,17 @@ class AdapterGuidancePipeline:
     def __init__(self, pipe, adapters: GuidanceAdapters, attach: bool = True):
         self.pipe, self.adapters = pipe, adapters
         self._warned = False
+        self._family = family_of(pipe)
         if attach:  # (False: the adapters are attached to the pipeline's network already, as in training)
-            attr, net = network_of(pipe)
-            adapters.check_fits(net, f"the {attr} of this {type(pipe).__name__}")
+            net = self._family.network
+            adapters.check_fits(self._family, net, f"the {self._family.network_attr} of this {type(pipe).__name__}")
             adapters.to(device=next(net.parameters()).device)
-            adapters.attach(net)
+            adapters.attach(self._family, net)
+
+    @property
+    def base_pipeline(self):
+        """The pipeline the adapters are attached to."""
+        return self.pipe
 
     @staticmethod
     def is_guided(path: str | Path) -> bool:
@@ -369,10 +345,10 @@ class AdapterGuidancePipeline:
                           stacklevel=2)
             self._warned = True
         with self.adapters.guidance(w):
-            return self.pipe(*args, **kwargs, **_no_cfg_kwargs(self.pipe))
+            return self.pipe(*args, **kwargs, **self._family.no_cfg_kwargs())
 
     def __getattr__(self, name: str):
-        if name in ("pipe", "adapters"):  # not yet set (copying, unpickling): no recursion
+        if name in ("pipe", "adapters", "_family"):  # not yet set (copying, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
@@ -391,10 +367,8 @@ class AdapterGuidancePipeline:
                         dtype=None) -> AdapterGuidancePipeline:
         """The adapters of ``path`` on the pipeline saved beside them, or on ``base`` (a pipeline folder, alias or
         hub id of the same architecture)."""
-        from stepdistill.pipelines import load_pipeline
-
         adapters = GuidanceAdapters.load(path)
-        pipe = load_pipeline(base or str(path), device=device, dtype=dtype, single=True)
+        pipe = load_diffusers_pipeline(base or str(path), device=device, dtype=dtype)
         return cls(pipe, adapters)
 
 

@@ -20,6 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from sklearn.cluster import KMeans
+
+from stepdistill.errors import UserError, first_line
+
+from .families import family_of
+from .folders import load_diffusers_pipeline, rebuild_pipeline
 
 ROUTER_FILE = "router.json"
 
@@ -117,14 +124,8 @@ def contiguous_partition(num_classes: int, num_students: int) -> list[list[int]]
 
 def kmeans_partition(features: np.ndarray, num_students: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(owner of each row, centroids) of k-means (scikit-learn, 10 restarts, ``seed``) on feature rows."""
-    from sklearn.cluster import KMeans
-
     km = KMeans(n_clusters=num_students, n_init=10, random_state=seed).fit(np.asarray(features, dtype=np.float64))
     return km.labels_.astype(np.int64), km.cluster_centers_
-
-
-def _network_attr(pipe) -> str:
-    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
 
 
 def _gather(parts: list[tuple[np.ndarray, Any]], n: int) -> Any:
@@ -164,7 +165,7 @@ class MultiStudentPipeline:
         if len(students) != router.num_students:
             raise ValueError(f"{len(students)} student pipelines for a router of {router.num_students} students")
         self.students, self.router = list(students), router
-        self._family = None
+        self._family = family_of(self.students[0], "multi-student pipeline")
 
     # --- what callers read from a pipeline --------------------------------------------------------------------------
     @property
@@ -182,7 +183,12 @@ class MultiStudentPipeline:
 
     @property
     def network_attr(self) -> str:
-        return _network_attr(self.students[0])
+        return self._family.network_attr
+
+    @property
+    def base_pipeline(self):
+        """Student 0's pipeline (the others share its components but the network)."""
+        return self.students[0]
 
     def __getattr__(self, name: str):
         # Components the students share (vae, text encoders, tokenizer, vae_scale_factor, ...) read from student 0.
@@ -204,10 +210,6 @@ class MultiStudentPipeline:
         """The student of each condition (class labels or prompts)."""
         if self.router.kind == "classes":
             return self.router.route_labels(conditions)
-        if self._family is None:
-            from stepdistill.families import family_of
-
-            self._family = family_of(self.students[0], "multi-student pipeline")
         with torch.no_grad():
             cond, _ = self._family.prompt_cond(list(conditions))
         return self.router.route_features(prompt_features(cond))
@@ -241,8 +243,6 @@ class MultiStudentPipeline:
         images = _gather(parts, len(items))
         if not return_dict:
             return (images,)
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-
         return ImagePipelineOutput(images=images)
 
     # --- files -------------------------------------------------------------------------------------------------------
@@ -259,19 +259,17 @@ class MultiStudentPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> MultiStudentPipeline:
-        from stepdistill.errors import UserError, first_line
-        from stepdistill.pipelines import load_pipeline, rebuild_pipeline
-
         path = Path(path)
         try:
             info = json.loads((path / ROUTER_FILE).read_text())
-            router, attr, subfolders = Router.from_json(info), info["network_attr"], info["subfolders"]
+            router, subfolders = Router.from_json(info), info["subfolders"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"'{path / ROUTER_FILE}' is not a readable router file ({first_line(e)})") from None
         if len(subfolders) != router.num_students:
             raise UserError(f"'{path / ROUTER_FILE}' lists {len(subfolders)} students for num_students "
                             f"{router.num_students}")
-        base = load_pipeline(str(path), device=device, dtype=dtype, single=True)
+        base = load_diffusers_pipeline(str(path), device=device, dtype=dtype)
+        attr = family_of(base, str(path)).network_attr
         net_cls = type(getattr(base, attr))
         students = [base]
         for sub in subfolders[1:]:

@@ -1,5 +1,5 @@
 """Conditioning: what a network is conditioned on (:class:`Cond`), class labels with a null class, and a bounded
-cache of per-prompt embeddings (the encoding itself is the model family's: :mod:`stepdistill.families`)."""
+cache of per-prompt embeddings (the encoding itself is the model family's: :mod:`stepdistill.pipelines.families`)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ done and reported as a one-line :class:`~stepdistill.errors.ConfigError` naming 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import os
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from diffusers.optimization import SchedulerType
 
 from .errors import ConfigError, first_line
 
@@ -270,26 +276,31 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None) -> RunConfig:
-    """Load a :class:`RunConfig` from YAML + overrides, with ``method_args`` typed by the method's own dataclass."""
-    from stepdistill.trainers import get_method  # local: trainers import config
+def run_config(data: dict, method_config: type, phase_names: tuple[str, ...] | list[str]) -> RunConfig:
+    """A :class:`RunConfig` from a config mapping (a YAML file with its overrides applied), with ``method_args``
+    typed by ``method_config`` (the method's dataclass) and an optimizer section for each of ``phase_names``."""
+    data = dict(data)
+    method_args = data.pop("method_args", {}) or {}
+    cfg = from_dict(RunConfig, data)
+    cfg.method_args = from_dict(method_config, method_args, prefix="method_args")
+    check_optim_phases(cfg, phase_names)
+    # Every phase gets its optimizer section, defaults filled in, so the resolved config says what trains.
+    cfg.optim = {n: cfg.optim.get(n, OptimConfig()) for n in phase_names}
+    resolve_launch_settings(cfg)
+    check_values(cfg)
+    return cfg
 
+
+def read_config(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None) -> dict:
+    """The config mapping of a YAML file (a path or a shipped recipe's name) with ``overrides`` applied; ``method``
+    (the command's) must match the file's."""
     data = read_yaml(resolve_config_path(path)) if path is not None else {}
     apply_overrides(data, overrides or [])
     if method is not None:
         if data.get("method", method) != method:
             raise ConfigError(f"config is for method '{data['method']}' but the command asked for '{method}'")
         data["method"] = method
-    method_args = data.pop("method_args", {}) or {}
-    cfg = from_dict(RunConfig, data)
-    method_cls = get_method(cfg.method)
-    cfg.method_args = from_dict(method_cls.Config, method_args, prefix="method_args")
-    check_optim_phases(cfg, method_cls.phase_names)
-    # Every phase gets its optimizer section, defaults filled in, so the resolved config says what trains.
-    cfg.optim = {n: cfg.optim.get(n, OptimConfig()) for n in method_cls.phase_names}
-    resolve_launch_settings(cfg)
-    check_values(cfg)
-    return cfg
+    return data
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -300,8 +311,6 @@ SHARDING = ("none", "fsdp2")
 def resolve_launch_settings(cfg: RunConfig) -> RunConfig:
     """Fill ``train.mixed_precision: ""`` with what accelerate was launched with (its launcher exports
     ACCELERATE_MIXED_PRECISION; "no" without one), so that the saved config says what ran."""
-    import os
-
     if cfg.train.mixed_precision == "":
         cfg.train.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     return cfg
@@ -313,8 +322,6 @@ def check_values(cfg: RunConfig) -> None:
     Called when a config is loaded and again by the loop, so that a bad value is refused before anything is built
     or written (a NaN learning rate would otherwise train to NaN and export it).
     """
-    import math
-
     def need(ok: bool, key: str, what: str, value: Any) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
@@ -353,8 +360,6 @@ def check_values(cfg: RunConfig) -> None:
         need(oc.warmup_steps >= 0, k + "warmup_steps", "0 or more", oc.warmup_steps)
         need(finite(oc.max_grad_norm) and oc.max_grad_norm >= 0, k + "max_grad_norm",
              "a finite number >= 0 (0 = no clipping)", oc.max_grad_norm)
-        from diffusers.optimization import SchedulerType
-
         valid = [s.value for s in SchedulerType]
         need(oc.lr_schedule in valid, k + "lr_schedule", "one of " + ", ".join(valid), oc.lr_schedule)
 
@@ -384,8 +389,6 @@ class KeyInfo:
     @property
     def summary(self) -> str:
         """The help's first sentence."""
-        import re
-
         return re.split(r"(?<=[a-z0-9)\]])\. (?=[A-Z])", self.help, maxsplit=1)[0].rstrip(".") + "."
 
 
@@ -395,10 +398,6 @@ def field_help(cls: type) -> dict[str, str]:
     Fields listed together under one comment share it (``beta1`` / ``beta2`` under "AdamW betas ..."). Read from the
     source so the help has one copy, the comment a reader of the code sees.
     """
-    import inspect
-    import re
-    import textwrap
-
     out: dict[str, str] = {}
     for base in cls.__mro__[1:][::-1]:  # a config subclass inherits its base's keys, with their help
         if dataclasses.is_dataclass(base):

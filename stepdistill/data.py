@@ -8,6 +8,7 @@ empty source raises :class:`~stepdistill.errors.DataError` naming it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -15,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
 from .errors import DataError
+from .trajectories import TrajectoryDataset, is_trajectory_folder
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DIGITS16_SIZE = 16
@@ -26,8 +30,6 @@ DIGITS16_CLASSES = 10
 
 @lru_cache(maxsize=1)
 def _digits16_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0 * 2 - 1)[:, None]  # (1797, 1, 8, 8) in [-1, 1]
     # Bilinear (align_corners=False) upsampling keeps the range and gives smooth 16x16 strokes.
@@ -39,12 +41,6 @@ def load_digits16() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as (N, 1, 16, 16) float32 in [-1, 1] and (N,) int64 labels."""
     x, y = _digits16_arrays()
     return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 NHWC, rounding as image files do."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 class Digits16(Dataset):
@@ -85,8 +81,6 @@ def _read_captions(folder: Path) -> dict[str, str]:
 def load_image(source, resolution: int, center_crop: bool = True, random_flip: bool = False,
                channels: int = 3) -> torch.Tensor:
     """An image file (path or file object) -> (C, H, W) float in [-1, 1], short side resized then cropped."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(source) as im:
             im = im.convert("L" if channels == 1 else "RGB")
@@ -171,7 +165,7 @@ class HFDatasetFolder(Dataset):
     def __init__(self, path: str | Path, resolution: int, image_column: str = "image", caption_column: str = "text",
                  center_crop: bool = True, random_flip: bool = False):
         try:
-            import datasets
+            import datasets  # optional (the `datasets` extra): only this data source needs it
         except ImportError:
             raise DataError("reading an HF datasets folder needs the 'datasets' package: "
                             "pip install datasets") from None
@@ -193,10 +187,6 @@ class HFDatasetFolder(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
-        import io
-
-        from PIL import Image
-
         row = self.ds[i]
         im = row[self.image_column]
         if not isinstance(im, Image.Image):
@@ -221,6 +211,11 @@ def dataset_prompts(dataset: Dataset) -> list[str] | None:
     return None
 
 
+def dataset_has_images(dataset: Dataset) -> bool:
+    """Whether a dataset's items carry images (told without decoding one)."""
+    return isinstance(dataset, (Digits16, ImageFolder, HFDatasetFolder))
+
+
 def build_dataset(source: str, resolution: int = 16, center_crop: bool = True, random_flip: bool = False,
                   image_column: str = "image", caption_column: str = "text", channels: int = 3) -> Dataset:
     """The dataset named by ``source``: "digits16", a prompt file (.txt), an HF datasets folder, a trajectory folder
@@ -231,8 +226,6 @@ def build_dataset(source: str, resolution: int = 16, center_crop: bool = True, r
     if not p.exists():
         raise DataError(f"data source '{source}' does not exist (use 'digits16', an image folder, a prompt .txt "
                         "file or a saved HF datasets folder)")
-    from .trajectories import TrajectoryDataset, is_trajectory_folder
-
     if is_trajectory_folder(p):
         return TrajectoryDataset(p)
     if p.is_file():

@@ -18,20 +18,6 @@ from .errors import UserError
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
-def call_network(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """The default way to call a network when no family says otherwise: by the diffusers class it is an instance of
-    (pixel ``UNet2DModel``: class labels; ``UNet2DConditionModel``: text embeddings and added conditions)."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    from .families import ClassFamily, LatentUNetFamily
-
-    if isinstance(model, UNet2DModel):
-        return ClassFamily.call(model, x, t, cond)
-    if isinstance(model, UNet2DConditionModel):
-        return LatentUNetFamily.call(model, x, t, cond)
-    raise UserError(f"no model family knows how to call a {type(model).__name__}; pass the family's call")
-
-
 class Denoiser(nn.Module):
     """Wraps a diffusers network and its noise schedule.
 
@@ -41,8 +27,9 @@ class Denoiser(nn.Module):
             in ``scheduler_config.json``); gives the schedule and the network's prediction type. Flow-matching
             schedulers give ``flow_prediction``.
         prediction_type: override what the network predicts (rarely needed).
-        call: ``call(model, x, t, cond) -> raw output``, the model family's way of calling the network
-            (:meth:`stepdistill.families.Family.call`); by default chosen from the network's class.
+        call: ``call(model, x, t, cond, features=False) -> raw output`` (or ``(raw output, features)`` with
+            ``features``), the model family's way of calling the network
+            (:meth:`stepdistill.pipelines.families.Family.call`).
         guidance_input: for guidance-distilled networks (Flux-dev), the guidance scale they take as an input when no
             ``guidance_scale`` is asked for; CFG is then that input, one network call, not two. None for others.
 
@@ -50,11 +37,11 @@ class Denoiser(nn.Module):
     for flow matching.
     """
 
-    def __init__(self, model: nn.Module, scheduler, prediction_type: str | None = None, call=None,
+    def __init__(self, model: nn.Module, scheduler, call, prediction_type: str | None = None,
                  guidance_input: float | None = None):
         super().__init__()
         self.model = model
-        self.call = call or call_network
+        self.call = call
         self.guidance_input = guidance_input
         # The dtype the network computes in (its weights'); inputs are cast to it and outputs back to the caller's,
         # so a frozen bf16 teacher and an fp32 student take the same float32 tensors (train.teacher_dtype).
@@ -98,26 +85,30 @@ class Denoiser(nn.Module):
         return a * x0 + s * eps
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale=None,
-            uncond: Cond | None = None) -> torch.Tensor:
+            uncond: Cond | None = None, features: bool = False):
         """The network output in its own parameterisation, with CFG when ``guidance_scale`` is given.
 
         CFG on the raw output equals CFG on any other parameterisation: the conversions are affine in the
-        prediction with coefficients that depend only on (x_t, t).
+        prediction with coefficients that depend only on (x_t, t). With ``features`` (one pass, no CFG) the result is
+        ``(output, features)``: the network's intermediate features that its family returns (GAN heads).
         """
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         dt = self.compute_dtype
 
-        def call(x: torch.Tensor, tt: torch.Tensor, c: Cond) -> torch.Tensor:
-            return self.call(self.model, x.to(dt), tt, c.to(dtype=dt)).to(x_t.dtype)
+        def call(x: torch.Tensor, tt: torch.Tensor, c: Cond, feats: bool = False):
+            out = self.call(self.model, x.to(dt), tt, c.to(dtype=dt), features=feats)
+            return (out[0].to(x_t.dtype), out[1]) if feats else out.to(x_t.dtype)
 
         if self.guidance_input is not None:  # guidance-distilled: the scale is an input of one pass
             w = self.guidance_input if guidance_scale is None else guidance_scale
             return call(x_t, t, replace(cond, guidance=torch.as_tensor(w, device=x_t.device).float().expand(
-                x_t.shape[0]).clone()))
+                x_t.shape[0]).clone()), features)
         if guidance_scale is None:
-            return call(x_t, t, cond)
+            return call(x_t, t, cond, features)
+        if features:
+            raise ValueError("features are returned by one unguided pass; guidance_scale would make two")
         if uncond is None:
             raise ValueError("guidance_scale given without an unconditional Cond")
         both = call(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat(uncond, cond))
@@ -125,9 +116,13 @@ class Denoiser(nn.Module):
         return S.cfg_combine(out_u, out_c, guidance_scale)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, target: str = "x0", guidance_scale=None,
-                uncond: Cond | None = None) -> torch.Tensor:
-        """Prediction at (x_t, t) expressed as ``target`` ("x0", "eps", "v" or "flow")."""
-        return self.convert(self.raw(x_t, t, cond, guidance_scale, uncond), x_t, t, target)
+                uncond: Cond | None = None, features: bool = False):
+        """Prediction at (x_t, t) expressed as ``target`` ("x0", "eps", "v" or "flow"); with ``features``,
+        ``(prediction, features)`` (see :meth:`raw`)."""
+        raw = self.raw(x_t, t, cond, guidance_scale, uncond, features)
+        if features:
+            return self.convert(raw[0], x_t, t, target), raw[1]
+        return self.convert(raw, x_t, t, target)
 
     def convert(self, raw: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, target: str) -> torch.Tensor:
         """Convert a raw network output at (x_t, t) to ``target``."""

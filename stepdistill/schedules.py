@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 TARGETS = ("x0", "eps", "v", "flow")
@@ -16,8 +17,6 @@ TARGETS = ("x0", "eps", "v", "flow")
 
 def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
     """The cumulative alpha products of a DDPM-family scheduler config, computed by diffusers itself."""
-    from diffusers import DDPMScheduler
-
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
             "rescale_betas_zero_snr")
     cfg = {k: scheduler_config[k] for k in keys if k in scheduler_config}

@@ -15,7 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from stepdistill.batch import Batch
 from stepdistill.pipelines import ClassConditionalPipeline
+from stepdistill.pipelines.export import export_student, sample_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,12 +63,35 @@ def unet_weights(pipe_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+def typed(method, phase: str, raw: dict) -> Batch:
+    """The typed batch the loop builds for ``phase`` of ``method`` from collated data items ``raw``."""
+    p = next(p for p in method.phases() if p.name == phase)
+    return method.family.batch(raw, cond=p.cond, real=p.real, device=method.device)
+
+
+def loss(method, phase: str, raw: dict, step: int = 0) -> tuple[torch.Tensor, dict]:
+    """``phase``'s loss of ``method`` on collated data items ``raw`` at loop step ``step``, as the loop computes it."""
+    return method.loss(phase, typed(method, phase, raw), step)
+
+
+def export(method, out: Path, teacher: str | None = None) -> Path:
+    """Write ``method``'s student as the loop's export does (the teacher it records: the method's)."""
+    export_student(method.family, method.export_spec(), Path(out), teacher or method.teacher_name)
+    return Path(out)
+
+
+def grid(method, num: int, seed: int = 0):
+    """The uint8 NHWC sample grid of ``method``'s student, as the loop draws it."""
+    return sample_grid(method.family, method.export_spec(), num, seed)
+
+
 def fixed_loss_descent(method, phase: str, batch: dict, opt: torch.optim.Optimizer, steps: int) -> tuple[float, float]:
-    """``phase``'s loss on ``batch`` at loop step 0 before and after ``steps`` optimizer steps (seed 0 each time)."""
+    """``phase``'s loss on ``batch`` (collated data items) at loop step 0 before and after ``steps`` optimizer steps
+    (seed 0 each time)."""
 
     def fixed_loss() -> torch.Tensor:
         torch.manual_seed(0)  # the same noise, timesteps and samples at every evaluation
-        return method.loss(phase, batch, 0)[0]
+        return loss(method, phase, batch, 0)[0]
 
     before = fixed_loss().item()
     for _ in range(steps):

@@ -16,8 +16,9 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Tests call train() many times in one process with different precision settings; accelerate keeps one per
-    process (a user runs one per process), so each test starts from a clean accelerate state, as accelerate's own
-    test case class does (a private accelerate call, in tests only)."""
+    process (a user runs one per process), so each test starts from a clean accelerate state. accelerate has no
+    public call for that: its own test case class (accelerate.test_utils.AccelerateTestCase) uses these private
+    ones, in tests only, as here."""
     yield
     from accelerate.state import AcceleratorState, GradientState
 

@@ -74,7 +74,12 @@ def test_train_bad_data_and_teacher(tmp_path, capsys):
     empty.write_text("\n\n")
     _refused([*DMD2, "--out", out, f"data.source={empty}", "method_args.gan_weight_student=0",
               "method_args.gan_weight_critic=0"], tmp_path, capsys, "prompts.txt")
-    _refused([*DMD2, "--out", out, f"data.source={empty}"], tmp_path, capsys, "GAN term needs real images")
+    # A prompt file has no images: the GAN term (on in the recipe) is refused by the loop, naming the source.
+    prompts = tmp_path / "cats.txt"
+    prompts.write_text("a cat\n")
+    err = _refused([*DMD2, "--out", out, f"data.source={prompts}"], tmp_path, capsys,
+                   "method 'dmd2' needs real images for the GAN term")
+    assert "cats.txt" in err
     _refused([*DMD2, "--out", out, "teacher=/no/such/teacher"], tmp_path, capsys, "/no/such/teacher")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from stepdistill.eval import bench
+from stepdistill.bench import report as bench
 from stepdistill.pipelines import ClassConditionalPipeline
 
 # Every test runs with one torch thread (the one_thread fixture of conftest.py).
@@ -108,7 +108,7 @@ def test_vsd_report_trains_dmd2_beside_it(tiny_teacher, tmp_path):
 def test_memory_bench_counts_trainable_state_of_vsd_and_dmd2():
     """One step of each score-distillation row on the shipped digits16 teacher: VSD holds one trainable network
     plus adapters, DMD2 with a full fake score two; AdamW keeps two moments per trainable float."""
-    from stepdistill.eval.bench_memory import SCORE_CONFIGS, one_step
+    from stepdistill.bench.memory import SCORE_CONFIGS, one_step
 
     got = {label: one_step(method, recipe, overrides(8), "digits16", "float32", "digits16")
            for label, method, recipe, overrides in SCORE_CONFIGS}

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stepdistill.config import RunConfig, TrainConfig, apply_overrides, from_dict, load_config, save_config
+from stepdistill.config import RunConfig, TrainConfig, apply_overrides, from_dict, save_config
 from stepdistill.data import Digits16, HFDatasetFolder, ImageFolder, PromptFile, build_dataset, load_digits16
 from stepdistill.errors import ConfigError, DataError, UserError
+from stepdistill.trainers import load_config
 
 
 def write(path, text):

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stepdistill.cli import config_tables, main
-from stepdistill.config import describe, field_help, load_config, recipes_dir
+from stepdistill.cli import main
+from stepdistill.commands import config_tables
+from stepdistill.config import describe, field_help, recipes_dir
 from stepdistill.errors import ConfigError
-from stepdistill.trainers import METHODS, get_method
+from stepdistill.trainers import METHODS, get_method, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- BEGIN method_args -->\n(.*?)<!-- END method_args -->", re.S)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from _tiny import (
     digits_batch,
+    export,
     fixed_loss_descent,
     log_rows,
     randomize_lora,
@@ -25,16 +26,16 @@ from _tiny import (
     train_two_processes,
     unet_weights,
 )
+from _tiny import loss as method_loss
 from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
 from stepdistill import schedules as S
-from stepdistill.config import load_config
 from stepdistill.errors import ConfigError, UserError
-from stepdistill.pipelines import load_pipeline
-from stepdistill.trainers import get_method
-from stepdistill.trainers.consistency import guidance_embedding, segment_boundary, segment_edges
-from stepdistill.trainers.loop import train
+from stepdistill.loop import build_method, train
+from stepdistill.pipelines import family_of, load_pipeline
+from stepdistill.trainers import load_config
+from stepdistill.trainers.consistency import segment_boundary, segment_edges
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -57,7 +58,7 @@ def teacher_dir(tmp_path_factory) -> str:
 
 
 def _method(teacher: str, *extra: str):
-    return get_method("consistency")(load_config(CONFIG, run_overrides(teacher, *extra)))
+    return build_method(load_config(CONFIG, run_overrides(teacher, *extra)))
 
 
 def _noise(n: int, seed: int, shape=(1, 16, 16)) -> tuple[list[torch.Generator], torch.Tensor]:
@@ -105,14 +106,14 @@ def test_ema_target_updates_once_per_step_with_the_configured_decay(teacher_dir)
     target = dict(method.target.model.named_buffers())
     assert student.keys() == target.keys() and all(torch.equal(student[k], target[k]) for k in student)
     opt = torch.optim.SGD(method.phases()[0].params, lr=0.5)
-    loss, _ = method.loss("student", digits_batch(), 0)
+    loss, _ = method_loss(method, "student", digits_batch(), 0)
     loss.backward()
     opt.step()
     t0 = {k: v.clone() for k, v in target.items()}
     s1 = {k: v.detach().clone() for k, v in student.items()}
     assert any(not torch.equal(t0[k], s1[k]) for k in t0)
-    method.loss("student", digits_batch(), 1)
-    method.loss("student", digits_batch(), 1)  # a second micro-batch of the same step must not update again
+    method_loss(method, "student", digits_batch(), 1)
+    method_loss(method, "student", digits_batch(), 1)  # a second micro-batch of the same step must not update again
     for k in t0:
         torch.testing.assert_close(target[k], 0.9 * t0[k] + 0.1 * s1[k])
     assert int(method.target_step) == 1
@@ -160,7 +161,7 @@ def test_lora_student_shares_the_teacher_network(teacher_dir):
     assert sum(b.numel() for b in method.buffers()) - ema_numel < 0.1 * unet_numel
     pristine = load_pipeline(teacher_dir).unet
     x, t, labels = torch.randn(4, 1, 16, 16), torch.tensor([10, 300, 600, 990]), torch.tensor([0, 3, 5, 10])
-    cond = method.classes.cond(labels)
+    cond = method.family.classes.cond(labels)
     randomize_lora(method.student.model, 0.1)
     with torch.no_grad():
         want = pristine(x, t, class_labels=labels).sample
@@ -170,7 +171,7 @@ def test_lora_student_shares_the_teacher_network(teacher_dir):
     torch.testing.assert_close(teacher, want)
     assert not torch.allclose(student, want, atol=1e-4)
     assert all(p.requires_grad for p in params)  # adapters back on and trainable after the teacher call
-    loss, _ = method.loss("student", digits_batch(), 0)
+    loss, _ = method_loss(method, "student", digits_batch(), 0)
     loss.backward()
     assert all(p.grad is None for n, p in method.student.model.named_parameters() if "lora_" not in n)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
@@ -183,18 +184,18 @@ def test_lora_ema_target_swaps_in_averaged_adapters(teacher_dir):
     ema = method.target_adapters.weights()
     assert len(ema) == len(params) and all(torch.equal(w, p) for w, p in zip(ema, params))
     opt = torch.optim.SGD(params, lr=0.5)
-    loss, _ = method.loss("student", digits_batch(), 0)
+    loss, _ = method_loss(method, "student", digits_batch(), 0)
     loss.backward()  # no in-place error: the target was computed before the graph through the adapters
     opt.step()
     w0 = [w.clone() for w in ema]
     p1 = [p.detach().clone() for p in params]
     assert any(not torch.equal(a, b) for a, b in zip(w0, p1))
-    method.loss("student", digits_batch(), 1)
+    method_loss(method, "student", digits_batch(), 1)
     for w, a, b in zip(method.target_adapters.weights(), w0, p1):
         torch.testing.assert_close(w, 0.9 * a + 0.1 * b)
     assert all(torch.equal(p, b) for p, b in zip(params, p1))  # trained weights restored after the swap
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([500, 900])
-    cond = method.classes.cond(torch.tensor([1, 2]))
+    cond = method.family.classes.cond(torch.tensor([1, 2]))
     with torch.no_grad():
         online = method.student.raw(x, t, cond)
         with method.target_adapters.swapped():
@@ -228,7 +229,7 @@ def test_perfect_student_has_zero_loss_and_maps_to_the_segment_start(teacher_dir
     for den in (method.student, method.target, method.teacher):
         den.x0_eps = exact(den)
     batch = {"image": x_star.expand(64, -1, -1, -1), "label": torch.full((64,), 3)}
-    loss, logs = method.loss("student", batch, 0)
+    loss, logs = method_loss(method, "student", batch, 0)
     # Not exactly 0: LCM's last boundary is the discrete t = 0, where the trajectory still carries noise
     # sigma_0 = sqrt(beta_0) ~ 6e-3 (only the ~1/50 samples stepping to t = 0 see it). A wrong target point is ~1e-2.
     assert loss.item() < 5e-6
@@ -237,13 +238,13 @@ def test_perfect_student_has_zero_loss_and_maps_to_the_segment_start(teacher_dir
     t = torch.tensor([999, 760, 300, 40])
     x_t = method.student.add_noise(x_star.expand(4, -1, -1, -1), eps, t)
     b = segment_boundary(t, segments)
-    g = method.consistency_fn(method.student, x_t, t, b, method.classes.cond(torch.zeros(4)))
+    g = method.consistency_fn(method.student, x_t, t, b, method.family.classes.cond(torch.zeros(4)))
     want = method.student.add_noise(x_star.expand(4, -1, -1, -1), eps, b)
     torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
     # Boundary condition: at t = b (and at t = 0 for the last segment) G is the identity.
     for tb, bb in ((torch.tensor([499]), torch.tensor([499])), (torch.tensor([0]), torch.tensor([-1]))):
         x = torch.randn(1, 1, 16, 16)
-        torch.testing.assert_close(method.consistency_fn(method.student, x, tb, bb, method.classes.cond(
+        torch.testing.assert_close(method.consistency_fn(method.student, x, tb, bb, method.family.classes.cond(
             torch.zeros(1))), x, atol=1e-5, rtol=1e-5)
     c_skip, c_out = S.consistency_scalings(torch.tensor([0, 999]))
     assert c_skip.tolist()[0] == 1 and c_out.tolist()[0] == 0 and c_skip[1] < 1e-6
@@ -257,10 +258,10 @@ def test_export_round_trip_matches_the_consistency_function(teacher_dir, tmp_pat
         for p in method.student.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     labels = torch.tensor([0, 4, 9])
-    cond = method.classes.cond(labels)
+    cond = method.family.classes.cond(labels)
     steps = 2 if variant == "multiphase" else 1  # the final segment count of [4, 2] from step 3 of 6
     gens, x = _noise(3, 100)
     out = pipe(labels, num_inference_steps=steps, generator=gens, output_type="pt").images
@@ -285,7 +286,7 @@ def test_recorded_sample_timesteps_are_used_for_their_step_count(teacher_dir, tm
     from stepdistill.eval.generation import generate, swap_scheduler
 
     method = _method(teacher_dir, "method_args.sample_timesteps=[[999,699,399,119],[999,299]]")
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     assert pipe.scheduler.config.sample_timesteps == [[999, 699, 399, 119], [999, 299]]
     assert "timesteps=[999, 699, 399, 119]" in (tmp_path / "p" / "README.md").read_text()
@@ -303,7 +304,7 @@ def test_recorded_sample_timesteps_are_used_for_their_step_count(teacher_dir, tm
     assert generate(swapped, 2, steps=4, progress=False)["timesteps"] is None
     # A recommended 1-step schedule wins over the trained [999]; multi-segment students record none.
     method = _method(teacher_dir, "method_args.sample_timesteps=[[899]]")
-    method.export(tmp_path / "one")
+    export(method, tmp_path / "one")
     assert generate(load_pipeline(str(tmp_path / "one")), 2, steps=1, progress=False)["timesteps"] == [899]
     method = _method(teacher_dir, "method_args.segments=[4]", "method_args.sample_timesteps=[[999,499]]")
     assert method.export_scheduler().config.sample_timesteps == []
@@ -369,13 +370,13 @@ def test_sd_full_student_pipeline_equals_consistency_fn_with_w_embedding(sd_dir,
     """The exported SD pipeline's 1-step latents = G(z, 999) of the student conditioned on the embedding of w - 1."""
     from diffusers import StableDiffusionPipeline
 
-    method = get_method("consistency")(load_config(CONFIG, _sd_overrides(
+    method = build_method(load_config(CONFIG, _sd_overrides(
         sd_dir, captioned, "method_args.guidance_min=2.0", "method_args.guidance_max=6.0",
         "method_args.w_embedding_dim=32")))
     # The w projection starts at zero (student = teacher); give it weights so that w matters.
     with torch.no_grad():
         method.student.model.time_embedding.cond_proj.weight.normal_(0, 0.5)
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "p"))
     pipe.set_progress_bar_config(disable=True)
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
@@ -384,7 +385,7 @@ def test_sd_full_student_pipeline_equals_consistency_fn_with_w_embedding(sd_dir,
         got = pipe(["a picture 1"], num_inference_steps=1, guidance_scale=w, latents=z.clone(),
                    output_type="latent").images
         cond = method.family.prompt_cond(["a picture 1"])[0].with_timestep_cond(
-            guidance_embedding(torch.tensor([w]), 32))
+            method.family.guidance_embedding(torch.tensor([w]), 32))
         with torch.no_grad():
             want = method.consistency_fn(method.student, z, torch.tensor([999]), torch.tensor([-1]), cond)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -407,13 +408,11 @@ def test_sd_lora_file_reproduces_the_student(sd_dir, captioned, tmp_path):
     """Teacher pipeline + load_lora_weights(export) gives the student's 1-step G(z, 999), alpha != rank included."""
     from diffusers import LCMScheduler
 
-    from stepdistill.pipelines.lora import load_lora
-
-    method = get_method("consistency")(load_config(CONFIG, _sd_overrides(
+    method = build_method(load_config(CONFIG, _sd_overrides(
         sd_dir, captioned, "method_args.lora_rank=2", "method_args.lora_alpha=6")))
     randomize_lora(method.student.model, 0.2)
-    method.export(tmp_path / "p")
-    pipe = load_lora(load_pipeline(sd_dir), tmp_path / "p")
+    export(method, tmp_path / "p")
+    pipe = family_of(load_pipeline(sd_dir)).load_lora(tmp_path / "p")
     pipe.scheduler = LCMScheduler.from_pretrained(str(tmp_path / "p"), subfolder="scheduler")
     _assert_one_step_is_the_students(pipe, method)
 
@@ -430,26 +429,26 @@ def test_sd_lora_export_records_its_base_and_samples_without_it(sd_dir, captione
     from stepdistill.pipelines.lora import BaseMismatchWarning, base_fingerprint, lora_base
 
     cfg = load_config(CONFIG, _sd_overrides(sd_dir, captioned, "method_args.lora_rank=2"))
-    method = get_method("consistency")(cfg)
+    method = build_method(cfg)
     randomize_lora(method.student.model, 0.2)
-    export = tmp_path / "lora"
-    method.export(export)
+    folder = tmp_path / "lora"
+    export(method, folder)
     base_unet = load_pipeline(sd_dir).unet
-    info = lora_base(export)
+    info = lora_base(folder)
     assert info == {"base": str(Path(sd_dir).resolve()), "fingerprint": base_fingerprint(base_unet),
                     "pipeline": "StableDiffusionPipeline"}
-    assert info["fingerprint"] in (export / "README.md").read_text()
-    with safe_open(str(export / "pytorch_lora_weights.safetensors"), "pt") as f:
+    assert info["fingerprint"] in (folder / "README.md").read_text()
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert "stepdistill_base" in f.metadata() and len(f.metadata()) > 1  # diffusers' own metadata kept too
     # Found by itself: the student's 1-step output, with the export's scheduler.
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseMismatchWarning)
-        pipe = load_pipeline(str(export))
+        pipe = load_pipeline(str(folder))
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     _assert_one_step_is_the_students(pipe, method)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a picture 1\na picture 2\n")
-    assert main(["sample", str(export), "--steps", "1", "--num-samples", "2", "--prompts", str(prompts),
+    assert main(["sample", str(folder), "--steps", "1", "--num-samples", "2", "--prompts", str(prompts),
                  "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "samples.npz").is_file()
     # Another base of the same shapes (one weight changed): loads, with a warning naming the recorded base.
@@ -460,7 +459,7 @@ def test_sd_lora_export_records_its_base_and_samples_without_it(sd_dir, captione
         next(pipe.unet.parameters()).add_(0.5)
     pipe.save_pretrained(str(other))
     with pytest.warns(BaseMismatchWarning, match="was trained on"):
-        load_pipeline(str(export), base=str(other))
+        load_pipeline(str(folder), base=str(other))
     # --base is for LoRA exports only; a LoRA without a recorded base needs it.
     capsys.readouterr()
     assert main(["sample", sd_dir, "--base", sd_dir, "--steps", "1", "--num-samples", "1", "--prompts",
@@ -503,8 +502,10 @@ def test_config_errors(teacher_dir, tmp_path):
         _method(teacher_dir, "method_args.sample_timesteps=[[999,499],[999,299]]")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a 3\na 7\n")
-    with pytest.raises(ConfigError, match="needs x0 samples"):
-        _method(teacher_dir, f"data.source={prompts}")
+    # A data source without images is refused by the loop before anything is written.
+    with pytest.raises(ConfigError, match="needs real images for x0 samples.*data source '.*prompts.txt' has none"):
+        train(load_config(CONFIG, run_overrides(teacher_dir, f"data.source={prompts}")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
     # Teachers without a usable scheduler: none at all, or a flow-matching one (no DDPM noise schedule).
     bad = Path(shutil.copytree(teacher_dir, tmp_path / "bad"))
     index = json.loads((bad / "model_index.json").read_text())
@@ -549,31 +550,29 @@ def test_ema_decay_refused_where_the_method_keeps_no_student_ema(teacher_dir, tm
 
 
 def test_incompatible_lora_files_are_clear_errors(teacher_dir, sd_dir, tmp_path):
-    from stepdistill.pipelines.lora import load_lora
-
     digits = _method(teacher_dir, "method_args.lora_rank=4")
-    digits.export(tmp_path / "digits")
+    export(digits, tmp_path / "digits")
     # A digits LoRA into an SD pipeline: refused by the recorded base pipeline, or (files without the record) by
     # the network the file names.
     with pytest.raises(UserError, match="trained on a ClassConditionalPipeline .*cannot be loaded into a "
                                         "StableDiffusionPipeline"):
-        load_lora(load_pipeline(sd_dir), tmp_path / "digits")
+        family_of(load_pipeline(sd_dir)).load_lora(tmp_path / "digits")
     with pytest.raises(UserError, match="class-conditional UNet2DModel.*StableDiffusionPipeline"):
-        load_lora(load_pipeline(sd_dir), _without_base_record(tmp_path / "digits"))
+        family_of(load_pipeline(sd_dir)).load_lora(_without_base_record(tmp_path / "digits"))
     # The same LoRA into a class-conditional teacher of another size: shape mismatch named.
     other = load_pipeline(save_class_teacher(tmp_path / "wide", channels=(16, 32)))
     with pytest.raises(UserError, match="has shape .* but this network needs"):
         other.load_lora_weights(str(tmp_path / "digits"))
     # An SD-format LoRA file into the class-conditional pipeline.
-    sd_lora = get_method("consistency")(load_config(CONFIG, run_overrides(sd_dir, "method_args.lora_rank=2")))
-    sd_lora.export(tmp_path / "sd")
+    sd_lora = build_method(load_config(CONFIG, run_overrides(sd_dir, "method_args.lora_rank=2")))
+    export(sd_lora, tmp_path / "sd")
     with pytest.raises(UserError, match="trained on a StableDiffusionPipeline .*cannot be loaded into a "
                                         "ClassConditionalPipeline"):
         load_pipeline(teacher_dir).load_lora_weights(str(tmp_path / "sd"))
     with pytest.raises(UserError, match="not a class-conditional stepdistill LoRA"):
         load_pipeline(teacher_dir).load_lora_weights(str(_without_base_record(tmp_path / "sd")))
     with pytest.raises(UserError, match="no LoRA weights"):
-        load_lora(load_pipeline(teacher_dir), tmp_path / "nothing")
+        family_of(load_pipeline(teacher_dir)).load_lora(tmp_path / "nothing")
 
 
 def test_lcm_of_the_flow_teacher_exports_its_one_step_sampler(tmp_path):
@@ -581,12 +580,12 @@ def test_lcm_of_the_flow_teacher_exports_its_one_step_sampler(tmp_path):
     unshifted stochastic FlowMatchEulerDiscreteScheduler) samples G(z, 999) in one step (its boundary scaling
     c_skip(999) ~ 2.5e-9 is the only difference)."""
     cfg = load_config("digits16_lcm", ["teacher=digits16-flow", "data.batch_size=8", "train.max_steps=2"])
-    method = get_method("consistency")(cfg)
+    method = build_method(cfg)
     assert method.teacher.is_flow
-    loss, _ = method.loss("student", {"image": torch.rand(4, 1, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 3])},
-                          0)
+    loss, _ = method_loss(method, "student", {"image": torch.rand(4, 1, 16, 16) * 2 - 1,
+                                              "label": torch.tensor([0, 1, 2, 3])}, 0)
     assert torch.isfinite(loss)
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.stochastic_sampling
     labels = torch.tensor([0, 4, 9])
@@ -594,6 +593,6 @@ def test_lcm_of_the_flow_teacher_exports_its_one_step_sampler(tmp_path):
     out = pipe(labels, timesteps=[999], generator=gens, output_type="pt").images
     z = torch.cat([torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(100 + i)) for i in range(3)])
     with torch.no_grad():
-        cond = method._student_cond(method.classes.cond(labels), torch.full((3,), 2.0))
+        cond = method._student_cond(method.family.classes.cond(labels), torch.full((3,), 2.0))
         want = method.consistency_fn(method.student, z, torch.full((3,), 999), torch.full((3,), -1), cond)
     torch.testing.assert_close(out, want.clamp(-1, 1), atol=1e-5, rtol=1e-5)

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny import run_overrides, save_class_teacher
+from _tiny import export, run_overrides, save_class_teacher
 
-from stepdistill.config import load_config
 from stepdistill.errors import UserError
+from stepdistill.loop import build_method
 from stepdistill.pipelines import load_pipeline
 from stepdistill.pipelines.diversity import hybrid_sample, hybrid_schedule, teacher_of
-from stepdistill.trainers import get_method
+from stepdistill.trainers import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,12 +24,12 @@ def exported(tmp_path_factory):
     """A tiny class teacher and a (perturbed) one-step DMD2 student exported from it."""
     root = tmp_path_factory.mktemp("div")
     teacher = save_class_teacher(root / "teacher")
-    method = get_method("dmd2")(load_config("digits16_dmd2", run_overrides(teacher, "method_args.gan_weight_student=0",
-                                                                           "method_args.gan_weight_critic=0")))
+    method = build_method(load_config("digits16_dmd2", run_overrides(teacher, "method_args.gan_weight_student=0",
+                                                                     "method_args.gan_weight_critic=0")))
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    method.export(root / "student")
+    export(method, root / "student")
     return teacher, str(root / "student")
 
 
@@ -95,13 +95,13 @@ def test_the_documented_stock_recipe_equals_hybrid_sample(tmp_path):
     from _tiny_sd import build_tiny_sd
 
     teacher_dir = build_tiny_sd(tmp_path / "teacher")
-    method = get_method("dmd2")(load_config("digits16_dmd2", [
+    method = build_method(load_config("digits16_dmd2", [
         f"teacher={teacher_dir}", "data.resolution=16", "method_args.gan_weight_student=0",
         "method_args.gan_weight_critic=0"]))
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    method.export(tmp_path / "student")
+    export(method, tmp_path / "student")
     docs = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "README.md").read_text()
     recipe = docs.split("<!-- BEGIN diversity_recipe -->")[1].split("```python")[1].split("```")[0]
     ns: dict = {}

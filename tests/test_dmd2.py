@@ -9,24 +9,29 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _tiny import (
     digits_batch,
+    export,
     fixed_loss_descent,
     log_rows,
     randomize_lora,
     run_overrides,
     save_class_teacher,
     train_two_processes,
+    typed,
     unet_weights,
 )
+from _tiny import loss as phase_loss
 from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
-from stepdistill.config import load_config
 from stepdistill.errors import ConfigError, UserError
+from stepdistill.loop import build_method, train
 from stepdistill.pipelines import load_pipeline
-from stepdistill.trainers import get_method
-from stepdistill.trainers.loop import train
+from stepdistill.trainers import get_method, load_config
+from stepdistill.trainers.dmd2 import guidance_at, teacher_ode
+from stepdistill.trainers.score_distillation import ScoreContext, score_difference_grad
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -49,7 +54,13 @@ def _overrides(teacher: str, *extra: str) -> list[str]:
 
 
 def _method(teacher: str, *extra: str):
-    return get_method("dmd2")(load_config(CONFIG, _overrides(teacher, *extra)))
+    return build_method(load_config(CONFIG, _overrides(teacher, *extra)))
+
+
+def _real_score(method, x_t, t, cond, uncond):
+    """The real score as the student loss asks for it: the teacher with CFG where real_guidance_interval says."""
+    ctx = method.context()
+    return ctx.real_score(x_t, t, cond, uncond, guidance_at(method.cfg, t, ctx.teacher.num_train_timesteps))
 
 
 @pytest.mark.parametrize("timesteps", [[999], FOUR])
@@ -63,8 +74,21 @@ def test_few_step_smoke_run_and_ttur_schedule(teacher_dir, tmp_path, timesteps):
     assert [r["step"] for r in rows if "student/loss" in r] == [1, 6]
     assert all("fake_score/denoise_loss" in r and "fake_score/gan_d_loss" in r for r in rows)
     assert all(r["student/dm_grad_norm"] > 0 and "student/gan_g_loss" in r for r in rows if "student/loss" in r)
+    # Each logged total is its parts weighted as the recipe says (gan_weight_student 3e-3, gan_weight_critic 1e-2).
+    for r in rows:
+        assert r["fake_score/loss"] == pytest.approx(r["fake_score/denoise_loss"] + 0.01 * r["fake_score/gan_d_loss"],
+                                                     rel=1e-5)
+        if "student/loss" in r:
+            assert r["student/loss"] == pytest.approx(r["student/dm_loss"] + 0.003 * r["student/gan_g_loss"],
+                                                      rel=1e-5)
     trained, teacher = unet_weights(run / "pipeline"), unet_weights(Path(teacher_dir))
     assert any(not torch.equal(trained[k], teacher[k]) for k in teacher)
+    # The export is exactly the student of the run's final checkpoint (no EMA in this run), tensor for tensor.
+    final = load_file(str(run / "checkpoints" / "step-7" / "model.safetensors"))
+    student = {k[len("student.model."):]: v for k, v in final.items() if k.startswith("student.model.")}
+    assert student.keys() == trained.keys()
+    for k, v in student.items():
+        assert torch.equal(trained[k], v), k
     sched = json.loads((run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "LCMScheduler" and sched["student_timesteps"] == timesteps
     assert "999" in (run / "pipeline" / "README.md").read_text()
@@ -75,12 +99,24 @@ def test_student_ema_is_exported(teacher_dir, tmp_path):
     """train.ema_decay > 0 exports the EMA of G: same seed and steps, different exported weights, both moved."""
     method = _method(teacher_dir)
     assert method.ema_network() is method.student.model
-    runs = {d: train(load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=6", f"train.ema_decay={d}")),
+    runs = {d: train(load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=6", f"train.ema_decay={d}",
+                                                    "train.checkpoint_every=5")),
                      tmp_path / f"ema{d}") for d in (0.0, 0.9)}
     raw, ema, teacher = (unet_weights(runs[0.0] / "pipeline"), unet_weights(runs[0.9] / "pipeline"),
                          unet_weights(Path(teacher_dir)))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     assert any(not torch.equal(ema[k], teacher[k]) for k in teacher)
+    # The EMA recomputed by hand from G's weights after its two updates (loop steps 0 and 5: the student in the
+    # checkpoints step-5 and step-6 of the EMA run): diffusers' EMAModel without warm-up decays by
+    # min(decay, (1 + k) / (10 + k)) at its k-th step after the first (which copies), so
+    # ema = 2/11 w1 + 9/11 w2. The EMA does not touch training: the raw run exports w2 itself.
+    ckpts = runs[0.9] / "checkpoints"
+    w1, w2 = ({k[len("student.model."):]: v for k, v in load_file(str(ckpts / s / "model.safetensors")).items()
+               if k.startswith("student.model.")} for s in ("step-5", "step-6"))
+    assert w1.keys() == w2.keys() == ema.keys() and any(not torch.equal(w1[k], w2[k]) for k in w1)
+    for k in w2:
+        torch.testing.assert_close(ema[k], 2 / 11 * w1[k] + 9 / 11 * w2[k], atol=1e-6, rtol=1e-5)
+        assert torch.equal(raw[k], w2[k]), k
 
 
 def test_fake_score_fits_fixed_student_samples(teacher_dir):
@@ -93,7 +129,7 @@ def test_fake_score_fits_fixed_student_samples(teacher_dir):
     assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
 
 
-def test_student_loss_moves_student_toward_the_teacher(teacher_dir):
+def test_student_loss_moves_student_toward_the_teacher(teacher_dir, monkeypatch):
     """The DM gradient points from the fake score's prediction toward the teacher's (checked on x0_g directly)."""
     method = _method(teacher_dir, "method_args.gan_weight_critic=0", "method_args.gan_weight_student=0")
     # Make the fake score differ from the teacher, so the DM direction is non-trivial.
@@ -102,30 +138,32 @@ def test_student_loss_moves_student_toward_the_teacher(teacher_dir):
             p.add_(0.05 * torch.randn_like(p))
     batch = digits_batch()
     captured = {}
-    orig = method.generate
+    orig = ScoreContext.generate
 
-    def gen(*a, **k):
-        x = orig(*a, **k)
+    def gen(self, *a, **k):
+        x = orig(self, *a, **k)
         if k.get("grad"):
             x.retain_grad()
             captured["x0"] = x
         return x
 
-    method.generate = gen
+    monkeypatch.setattr(ScoreContext, "generate", gen)
     torch.manual_seed(1)
-    loss, logs = method.loss("student", batch, 0)
+    loss, logs = phase_loss(method, "student", batch, 0)
     loss.backward()
     x0 = captured["x0"]
     torch.manual_seed(1)
     # Recompute the scores on the same (x_t, t) to get the expected direction: dL/dx0 = (p_real - p_fake) / norm / N.
     n = x0.shape[0]
-    cond, uncond, _ = method._conditioning(batch)
-    orig(cond, n, grad=False)  # replay the RNG draws of the student sample
+    b = typed(method, "student", batch)
+    cond, uncond = b.cond, b.uncond
+    orig(method.context(), method.student, cond, n, grad=False)  # replay the RNG draws of the student sample
     c, T = method.cfg, method.teacher.num_train_timesteps
     t = torch.randint(int(c.min_t * T), min(int(c.max_t * T) + 1, T), (n,))
     x_t = method.teacher.add_noise(x0.detach(), torch.randn_like(x0), t)
     with torch.no_grad():
-        direction = method.fake_score(x_t, t, cond, "x0") - method.real_score(x_t, t, cond, uncond)
+        real = method.teacher(x_t, t, cond, "x0", guidance_scale=c.real_guidance, uncond=uncond)  # CFG everywhere
+        direction = method.fake_score(x_t, t, cond, "x0") - real
     # Per sample: the normaliser mean|p_real| only rescales each sample's gradient.
     cos = torch.nn.functional.cosine_similarity(x0.grad.flatten(1), direction.flatten(1), dim=1)
     assert (cos > 0.999).all(), cos
@@ -149,14 +187,14 @@ def test_karras_timestep_sampling_draws_from_the_grid(teacher_dir):
 
     method.teacher.add_noise = spy
     torch.manual_seed(0)
-    method.loss("student", digits_batch(), 0)
+    phase_loss(method, "student", digits_batch(), 0)
     t = drawn[0]
     assert set(t.tolist()) <= set(grid[: int(0.3 * len(grid)) + 1].tolist())
     fake_t = []
-    fake = method.fake_denoiser()
+    fake = method.fake()
     orig_fake = fake.add_noise
     fake.add_noise = lambda x0, eps, t: (fake_t.append(t.clone()), orig_fake(x0, eps, t))[1]
-    method.loss("fake_score", digits_batch(), 0)
+    phase_loss(method, "fake_score", digits_batch(), 0)
     assert set(fake_t[0].tolist()) <= set(grid.tolist())
 
 
@@ -168,7 +206,8 @@ def test_real_guidance_interval_limits_cfg_to_its_noise_levels(teacher_dir):
     t = torch.tensor([10, 199, 200, 400, 600, 601, 990])
     x_t = torch.randn(len(t), 1, 16, 16)
     labels = torch.arange(len(t)) % 10
-    cond, uncond = method.classes.cond(labels), method.classes.uncond(len(t))
+    classes = method.family.classes
+    cond, uncond = classes.cond(labels), classes.uncond(len(t))
     with torch.no_grad():
         guided = method.teacher(x_t, t, cond, "x0", guidance_scale=2.0, uncond=uncond)
         plain = method.teacher(x_t, t, cond, "x0")
@@ -176,21 +215,22 @@ def test_real_guidance_interval_limits_cfg_to_its_noise_levels(teacher_dir):
     for i in range(len(t)):  # CFG changes every sample, so each one tells guided from unguided
         assert not torch.allclose(guided[i], plain[i])
     want = torch.where(inside.view(-1, 1, 1, 1), guided, plain)
-    torch.testing.assert_close(method.real_score(x_t, t, cond, uncond), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_real_score(method, x_t, t, cond, uncond), want, atol=1e-5, rtol=1e-5)
     # All outside the interval: no CFG at all (and no unconditional pass); the default interval guides everywhere.
-    assert method.guidance_at(torch.tensor([5, 900])) is None
-    assert method.guidance_at(torch.tensor([300, 500])) == 2.0
+    T = method.teacher.num_train_timesteps
+    assert guidance_at(method.cfg, torch.tensor([5, 900]), T) is None
+    assert guidance_at(method.cfg, torch.tensor([300, 500]), T) == 2.0
     full = _method(teacher_dir, "method_args.real_guidance=2.0")
-    torch.testing.assert_close(full.real_score(x_t, t, cond, uncond), guided, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_real_score(full, x_t, t, cond, uncond), guided, atol=1e-5, rtol=1e-5)
     # The regression targets follow the same rule: 4 trailing DDIM steps (999, 749, 499, 249), CFG at 249-499 only.
     ode = _method(teacher_dir, "method_args.real_guidance_interval=[0.2,0.6]", "method_args.regression_steps=4")
     z = torch.randn(2, 1, 16, 16)
-    c2, u2 = ode.classes.cond(labels[:2]), ode.classes.uncond(2)
+    c2, u2 = classes.cond(labels[:2]), classes.uncond(2)
     x = z
     for t_now, t_next in ((999, 749), (749, 499), (499, 249), (249, -1)):
         g = 2.0 if 200 <= t_now <= 600 else None
         x = ode.teacher.solver_step(x, t_now, t_next, c2, guidance_scale=g, uncond=u2)
-    torch.testing.assert_close(ode.teacher_ode(z, c2, u2), x)
+    torch.testing.assert_close(teacher_ode(ode.cfg, ode.context(), z, c2, u2), x)
 
 
 def test_gan_term_on_and_off(teacher_dir):
@@ -198,19 +238,19 @@ def test_gan_term_on_and_off(teacher_dir):
     assert on.gan_head is not None
     head_params = {id(p) for p in on.gan_head.parameters()}
     assert head_params <= {id(p) for p in on.phases()[1].params}
-    loss, logs = on.loss("fake_score", digits_batch(), 0)
+    loss, logs = phase_loss(on, "fake_score", digits_batch(), 0)
     loss.backward()
     assert "gan_d_loss" in logs and all(p.grad is not None for p in on.gan_head.parameters())
     assert sum(p.grad.abs().sum() for p in on.gan_head.parameters()) > 0
     on.zero_grad()
-    _, logs = on.loss("student", digits_batch(), 0)
+    _, logs = phase_loss(on, "student", digits_batch(), 0)
     assert "gan_g_loss" in logs
 
     off = _method(teacher_dir, "method_args.gan_weight_critic=0", "method_args.gan_weight_student=0")
     assert off.gan_head is None and not any("gan" in n for n, _ in off.named_parameters())
-    _, logs = off.loss("fake_score", digits_batch(), 0)
+    _, logs = phase_loss(off, "fake_score", digits_batch(), 0)
     assert "gan_d_loss" not in logs
-    _, logs = off.loss("student", digits_batch(), 0)
+    _, logs = phase_loss(off, "student", digits_batch(), 0)
     assert "gan_g_loss" not in logs
 
 
@@ -228,17 +268,17 @@ def test_lora_fake_score(teacher_dir):
     x = torch.randn(4, 1, 16, 16)
     t = torch.tensor([10, 300, 600, 990])
     labels = torch.tensor([0, 3, 5, 10])
-    cond, uncond = method.classes.cond(labels), method.classes.uncond(4)
+    cond, uncond = method.family.classes.cond(labels), method.family.classes.uncond(4)
     randomize_lora(method.teacher.model, 0.1)  # adapters now change the network's output
     with torch.no_grad():
         want = method.teacher.convert(pristine(x, t, class_labels=labels).sample, x, t, "x0")
         method.cfg.real_guidance = 1.0
-        real = method.real_score(x, t, cond, uncond)
-        fake = method.fake_denoiser()(x, t, cond, "x0")
+        real = _real_score(method, x, t, cond, uncond)
+        fake = method.fake()(x, t, cond, "x0")
     torch.testing.assert_close(real, want)
     assert not torch.allclose(fake, want, atol=1e-4)
     assert all(p.requires_grad for p in fake_params)  # adapters switched back on (and trainable) after the teacher
-    loss, _ = method.loss("fake_score", digits_batch(), 0)
+    loss, _ = phase_loss(method, "fake_score", digits_batch(), 0)
     loss.backward()
     assert all(p.grad is None for n, p in method.teacher.model.named_parameters() if "lora_" not in n)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake_params)
@@ -250,7 +290,7 @@ def test_export_round_trip_matches_student(teacher_dir, tmp_path, timesteps):
     with torch.no_grad():  # a student that differs from the teacher
         for p in method.student.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     labels = torch.tensor([0, 4, 9])
@@ -261,7 +301,7 @@ def test_export_round_trip_matches_student(teacher_dir, tmp_path, timesteps):
     g = gens()
     with torch.no_grad():
         x = torch.cat([torch.randn((1, 1, 16, 16), generator=gi) for gi in g])
-        cond = method.classes.cond(labels)
+        cond = method.family.classes.cond(labels)
         for i, t in enumerate(timesteps):
             x0 = method.student(x, t, cond, "x0")
             if i + 1 < len(timesteps):
@@ -343,8 +383,9 @@ def test_new_stage_with_a_larger_gan_weight(teacher_dir, tmp_path):
     cosine = load_config(CONFIG, _overrides(teacher_dir, "optim.student.lr_schedule=cosine",
                                             "method_args.fake_updates_per_student=2"))
     with pytest.raises(ConfigError, match=r"fake_updates_per_student can change .* only with a constant"):
-        get_method("dmd2").check_stage_change({"method_args.fake_updates_per_student": 5,
-                                               "method_args.gan_weight_critic": 0.01}, cosine)
+        get_method("dmd2").check_stage_change({"fake_updates_per_student": 5, "gan_weight_critic": 0.01},
+                                              cosine.method_args,
+                                              {name: oc.lr_schedule for name, oc in cosine.optim.items()})
     changes = json.loads((run / "config_changes.jsonl").read_text())
     assert changes == {"step": 4, "changes": {"method_args.fake_updates_per_student": {"from": 5, "to": 2},
                                               "method_args.gan_weight_student": {"from": 0.003, "to": 0.03}}}
@@ -397,12 +438,15 @@ def test_config_errors(teacher_dir, tmp_path):
         _method(teacher_dir, "method_args.timestep_sampling=edm")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a 3\na 7\n")
-    with pytest.raises(ConfigError, match="GAN term needs real images.*gan_weight_student=0"):
-        _method(teacher_dir, f"data.source={prompts}")
-    # A label-only batch (no images) with the GAN on fails with the same message at loss time.
+    # The loop refuses data without images before it writes anything.
+    with pytest.raises(ConfigError, match=r"method 'dmd2' needs real images for the GAN term \(set "
+                                          r"method_args.gan_weight_student=0 .*data source '.*prompts.txt' has none"):
+        train(load_config(CONFIG, _overrides(teacher_dir, f"data.source={prompts}")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # A label-only batch (no images) for the GAN's phase fails with a one-line message when it is built.
     method = _method(teacher_dir)
-    with pytest.raises(ConfigError, match="GAN term needs real images"):
-        method.loss("fake_score", {"label": torch.tensor([1, 2])}, 0)
+    with pytest.raises(ConfigError, match="needs real images"):
+        phase_loss(method, "fake_score", {"label": torch.tensor([1, 2])}, 0)
 
 
 # --- SD-type text teacher ------------------------------------------------------------------------------------------
@@ -431,14 +475,58 @@ def test_sd_type_teacher_trains_and_exports_stock_pipeline(sd_dir, tmp_path):
              generator=torch.Generator().manual_seed(0)).images
     assert a.shape == (1, 16, 16, 3) and (a == b).all()
 
-    # The GAN term on latents of real images (VAE-encoded) runs too.
-    method = get_method("dmd2")(load_config(CONFIG, _overrides(sd_dir, "method_args.student_timesteps=[999]")))
+    # The GAN term on latents of real images (VAE-encoded): both phases' losses recomputed here, term by term, from
+    # the networks called directly (the same draws replayed) and the GAN head on the features family.call returns.
+    method = build_method(load_config(CONFIG, _overrides(sd_dir, "method_args.student_timesteps=[999]")))
     batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "prompt": ["a red 1", "a blue 2"]}
+    family, teacher, fake, head = method.family, method.teacher, method.fake(), method.gan_head
+    T, c = teacher.num_train_timesteps, method.cfg
+    assert teacher.prediction_type == "epsilon" and c.gan_weight_student == 0.003 and c.gan_weight_critic == 0.01
+    got = {}
     for phase in ("student", "fake_score"):
-        loss, logs = method.loss(phase, batch, 0)
+        torch.manual_seed(5)
+        loss, logs = phase_loss(method, phase, batch, 0)
         loss.backward()
-        assert torch.isfinite(loss)
-    assert "gan_d_loss" in logs
+        got[phase] = (loss.item(), logs)
+    method.zero_grad()
+
+    def noised(x0, eps, t):
+        a = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    with torch.no_grad():
+        torch.manual_seed(5)  # the student phase's draws: G's noise, t in [min_t T, max_t T], the re-noising noise
+        b = typed(method, "student", batch)
+        x0_g = method.student(torch.randn(2, 4, 8, 8), torch.full((2,), 999), b.cond, "x0")
+        t = torch.randint(int(c.min_t * T), min(int(c.max_t * T) + 1, T), (2,))
+        x_t = noised(x0_g, torch.randn_like(x0_g), t)
+        eps_c, eps_u = (family.call(teacher.model, x_t.float(), t, cond) for cond in (b.cond, b.uncond))
+        a, sig = teacher.alphas_cumprod[t].view(-1, 1, 1, 1).sqrt(), (1 - teacher.alphas_cumprod[t]).view(
+            -1, 1, 1, 1).sqrt()
+        x0_real = (x_t - sig * (eps_u + 2.0 * (eps_c - eps_u))) / a  # CFG 2 on eps, then x0
+        eps_f, feats = family.call(fake.model, x_t.float(), t, b.cond, features=True)
+        x0_fake = (x_t - sig * eps_f) / a
+        grad = (x0_fake - x0_real) / (x0_g - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        dm, gen = 0.5 * grad.pow(2).mean(), F.softplus(-head(feats)).mean()
+        loss, logs = got["student"]
+        assert logs["dm_loss"] == pytest.approx(dm.item(), rel=1e-4)
+        assert logs["gan_g_loss"] == pytest.approx(gen.item(), rel=1e-5)
+        assert loss == pytest.approx((dm + 0.003 * gen).item(), rel=1e-4)
+
+        torch.manual_seed(5)  # the critic phase's draws: the VAE posterior, G's noise, t in [0, T), both noises
+        b = typed(method, "fake_score", batch)
+        x0_s = method.student(torch.randn(2, 4, 8, 8), torch.full((2,), 999), b.cond, "x0")
+        t = torch.randint(0, T, (2,))
+        eps = torch.randn_like(x0_s)
+        eps_f, feats_fake = family.call(fake.model, noised(x0_s, eps, t).float(), t, b.cond, features=True)
+        _, feats_real = family.call(fake.model, noised(b.real, torch.randn_like(b.real), t).float(), t, b.cond,
+                                    features=True)
+        denoise = F.mse_loss(eps_f, eps)
+        critic = F.softplus(-head(feats_real)).mean() + F.softplus(head(feats_fake)).mean()
+        loss, logs = got["fake_score"]
+        assert logs["denoise_loss"] == pytest.approx(denoise.item(), rel=1e-5)
+        assert logs["gan_d_loss"] == pytest.approx(critic.item(), rel=1e-5)
+        assert loss == pytest.approx((denoise + 0.01 * critic).item(), rel=1e-5)
 
 
 def test_regression_warmup_targets_the_teacher_ode(teacher_dir):
@@ -452,10 +540,24 @@ def test_regression_warmup_targets_the_teacher_ode(teacher_dir):
     gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
     want = teacher(labels, num_inference_steps=5, guidance_scale=2.0, generator=gens, output_type="pt").images
     z = torch.cat([torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(7 + i)) for i in range(2)])
-    got = method.teacher_ode(z, method.classes.cond(labels), method.classes.uncond(2))
+    classes = method.family.classes
+    got = teacher_ode(method.cfg, method.context(), z, classes.cond(labels), classes.uncond(2))
     torch.testing.assert_close(got.clamp(-1, 1), want, atol=1e-4, rtol=1e-4)
-    loss, logs = method.loss("student", digits_batch(), 0)
-    assert logs["regression_loss"] > 0 and torch.isfinite(loss)
+    # The regression term: MSE of G's one step from fresh noise z against the teacher's ODE from the same z (the
+    # student loss draws G's sample noise, t, the re-noising noise, then z).
+    torch.manual_seed(3)
+    loss, logs = phase_loss(method, "student", digits_batch(), 0)
+    torch.manual_seed(3)
+    b = typed(method, "student", digits_batch())
+    c = method.cfg
+    torch.randn(8, 1, 16, 16), torch.randint(int(c.min_t * 1000), int(c.max_t * 1000) + 1, (8,))
+    torch.randn(8, 1, 16, 16)
+    z = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        target = teacher_ode(method.cfg, method.context(), z, b.cond, b.uncond)
+        want = F.mse_loss(method.student(z, torch.full((8,), 999), b.cond, "x0"), target)
+    assert logs["regression_loss"] == pytest.approx(want.item(), rel=1e-5) and want > 0
+    assert loss.item() == pytest.approx(logs["dm_loss"] + 0.003 * logs["gan_g_loss"] + 0.5 * want.item(), rel=1e-5)
 
 
 def test_shipped_flow_teacher_distils_and_exports_its_sampler(tmp_path):
@@ -467,7 +569,7 @@ def test_shipped_flow_teacher_distils_and_exports_its_sampler(tmp_path):
     pipe = load_pipeline(str(run / "pipeline"))
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert pipe.scheduler.config.student_timesteps == [1000]
-    method = get_method("dmd2")(cfg)
+    method = build_method(cfg)
     assert method.teacher.is_flow
     method.student.model.load_state_dict(pipe.unet.state_dict())
     labels = torch.tensor([0, 4, 9])
@@ -475,5 +577,29 @@ def test_shipped_flow_teacher_distils_and_exports_its_sampler(tmp_path):
     out = pipe(labels, timesteps=[1000], generator=gens, output_type="pt").images
     x = torch.cat([torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(100 + i)) for i in range(3)])
     with torch.no_grad():
-        x0 = method.generate(method.classes.cond(labels), 3, steps=0, noise=x)
+        x0 = method.context().generate(method.student, method.family.classes.cond(labels), 3, steps=0, noise=x)
     torch.testing.assert_close(out, x0.clamp(-1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_dm_gradient_normaliser_by_hand():
+    """DMD2's gradient (x0_fake - x0_real) / mean |x0 - x0_real| per sample, computed here in float64; a sample with
+    x0 = x0_real (a normaliser of 0) and one with a normaliser below 1e-6 are divided by the 1e-6 guard instead."""
+    g = torch.Generator().manual_seed(0)
+    x0, x0_real, x0_fake = (torch.randn(4, 2, 3, 3, generator=g) for _ in range(3))
+    x0_real[2] = x0[2]  # mean |x0 - x0_real| = 0
+    x0_real[3] = x0[3] + 1e-8 * torch.sign(torch.randn(2, 3, 3, generator=g))  # mean 1e-8 (rounded)
+    got = score_difference_grad(x0, x0_real, x0_fake, normalise=True)
+    d = (x0.double() - x0_real.double()).abs().mean(dim=(1, 2, 3))
+    assert d[0] > 0.1 and d[1] > 0.1 and d[2] == 0 and 0 < d[3] < 1e-6
+    norm = torch.tensor([d[0].item(), d[1].item(), 1e-6, 1e-6], dtype=torch.float64).view(-1, 1, 1, 1)
+    want = (x0_fake.double() - x0_real.double()) / norm
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # e.g. one element of the first sample, spelled out
+    k = (x0[0] - x0_real[0]).abs().sum().item() / 18
+    assert got[0, 1, 2, 0].item() == pytest.approx((x0_fake[0, 1, 2, 0] - x0_real[0, 1, 2, 0]).item() / k, rel=1e-5)
+    # Without normalise it is the plain difference, with a per-sample weight broadcast.
+    w = torch.tensor([1.0, 2.0, 0.5, 0.0])
+    torch.testing.assert_close(score_difference_grad(x0, x0_real, x0_fake, weight=w).double(),
+                               (x0_fake.double() - x0_real.double()) * w.double().view(-1, 1, 1, 1),
+                               atol=1e-6, rtol=1e-6)

@@ -22,18 +22,23 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:  # _toy_method lives beside this file; tests/ need not be a package
     sys.path.insert(0, str(HERE))
 
-from _toy_method import main  # noqa: E402
+from _toy_method import main, student_network  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from stepdistill.config import OptimConfig, from_dict, load_config  # noqa: E402
+from stepdistill.config import OptimConfig, from_dict  # noqa: E402
 from stepdistill.errors import UserError  # noqa: E402
-from stepdistill.trainers import METHODS  # noqa: E402
-from stepdistill.trainers import checkpoint as ckpt  # noqa: E402
-from stepdistill.trainers.data_stream import ShardedInfiniteBatchSampler  # noqa: E402
-from stepdistill.trainers.loop import train  # noqa: E402
+from stepdistill.loop import checkpoint as ckpt  # noqa: E402
+from stepdistill.loop import train  # noqa: E402
+from stepdistill.loop.data_stream import ShardedInfiniteBatchSampler  # noqa: E402
+from stepdistill.trainers import METHODS, load_config  # noqa: E402
 
 MAX_STEPS = 20
+# The exported student's weights (the toy exports a ClassConditionalPipeline around its generator UNet).
+EXPORTED = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
+# What a checkpoint holds: the generator's and the critic's tensors under the method's own names.
+STUDENT_KEYS = {f"student.{k}" for k in student_network().state_dict()}
+TRAINED_KEYS = STUDENT_KEYS | {"critic.0.weight", "critic.0.bias", "critic.2.weight", "critic.2.bias"}
 # Two phases (student every 2 steps, critic every step), grad accumulation, EMA with warm-up, a cosine schedule with
 # warm-up, 5-step checkpoints: everything resume has to get right.
 OVERRIDES = [
@@ -113,7 +118,7 @@ def _assert_same_final_state(a: Path, b: Path, steps: int = MAX_STEPS) -> None:
     with safe_open(str(ca / "ema.safetensors"), "pt") as fa, safe_open(str(cb / "ema.safetensors"), "pt") as fb:
         # The EMA steps with its network's phase (the toy's student updates every 2nd step), not every loop step.
         assert json.loads(fa.metadata()["ema"])["optimization_step"] == steps // 2
-        assert fa.metadata() == fb.metadata() and fa.keys() == fb.keys() and len(fa.keys()) == 4
+        assert fa.metadata() == fb.metadata() and fa.keys() == fb.keys() and len(fa.keys()) == len(STUDENT_KEYS)
         for k in fa.keys():
             assert torch.equal(fa.get_tensor(k), fb.get_tensor(k))
     for name in ("optimizer.bin", "optimizer_1.bin"):
@@ -125,7 +130,8 @@ def _assert_same_final_state(a: Path, b: Path, steps: int = MAX_STEPS) -> None:
     for name in ("scheduler.bin", "scheduler_1.bin"):
         assert torch.load(ca / name, weights_only=False)["last_epoch"] == torch.load(cb / name, weights_only=False)[
             "last_epoch"]
-    ea, eb = load_file(a / "pipeline" / "student.safetensors"), load_file(b / "pipeline" / "student.safetensors")
+    ea, eb = load_file(a / EXPORTED), load_file(b / EXPORTED)
+    assert ea.keys() == eb.keys() and len(ea) == len(STUDENT_KEYS)
     for k in ea:
         assert torch.equal(ea[k], eb[k]), k
     # The logged losses of every step match too (a resumed run replays nothing and skips nothing).
@@ -153,7 +159,7 @@ def reference_run(tmp_path_factory) -> Path:
 
 def test_reference_run_layout(reference_run):
     run = reference_run
-    assert (run / "config.yaml").is_file() and (run / "pipeline" / "student.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and (run / EXPORTED).is_file()
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-10.png", f"step-{MAX_STEPS}.png"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-15", f"step-{MAX_STEPS}"]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{MAX_STEPS}"
@@ -183,7 +189,7 @@ def test_exact_resume_after_sigkill(reference_run, tmp_path):
 
 def test_kill_during_checkpoint_write(reference_run, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run), env=_env(**{ckpt.TEST_SLEEP_ENV: "120@10"}),
+    proc = subprocess.Popen(_cmd(run), env=_env(TOY_CHECKPOINT_SLEEP="120@10"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = run / "checkpoints" / ".tmp-step-10"
     _wait_for(lambda: (partial / "loop_state.json").is_file(), proc)
@@ -233,8 +239,7 @@ def test_two_process_run_killed_and_resumed(tmp_path, capsys):
     names = sorted(p.name for p in last.iterdir())
     assert "random_states_0.pkl" in names and "random_states_1.pkl" in names  # each rank's own RNG state
     keys = set(load_file(last / "model.safetensors"))
-    assert keys == {"student.0.weight", "student.0.bias", "student.3.weight", "student.3.bias", "critic.0.weight",
-                    "critic.0.bias", "critic.2.weight", "critic.2.bias"}  # no frozen teacher, no "module."
+    assert keys == TRAINED_KEYS  # no frozen teacher, no "module."
 
     run = tmp_path / "run"
     proc = subprocess.Popen(_two_process_cmd(run, extra), env=_env(TOY_SLEEP="0.05"), stdout=subprocess.DEVNULL,
@@ -252,7 +257,7 @@ def test_two_process_run_killed_and_resumed(tmp_path, capsys):
     train(_cfg([*extra, f"train.max_steps={steps + 2}"]), run)  # the same run, continued on one process
     assert "resuming a 2-process run on 1 processes" in capsys.readouterr().err
     assert _logged_steps(run)[-3:] == [steps, steps + 1, steps + 2]
-    assert (run / "pipeline" / "student.safetensors").is_file()
+    assert (run / EXPORTED).is_file()
 
 
 def test_existing_output_folder_is_not_touched(tmp_path):
@@ -520,7 +525,7 @@ def test_output_folder_that_cannot_be_written_is_refused_before_anything(tmp_pat
 
 
 def test_replace_dir_never_leaves_a_half_written_folder(tmp_path):
-    from stepdistill.utils import replace_dir
+    from stepdistill.files import replace_dir
 
     final = tmp_path / "pipeline"
     replace_dir(final, lambda d: (d / "a.txt").write_text("v1"))

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from _tiny import ROOT, fixed_loss_descent, log_rows, run_overrides, save_class_teacher, train_two_processes
+from _tiny import ROOT, export, fixed_loss_descent, free_port, log_rows, run_overrides, save_class_teacher
 from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
-from stepdistill.config import load_config
 from stepdistill.errors import ConfigError
+from stepdistill.loop import build_method, train
 from stepdistill.pipelines import MultiStudentPipeline, load_pipeline, rebuild_pipeline
 from stepdistill.pipelines.multi_student import (
     Router,
@@ -25,8 +28,7 @@ from stepdistill.pipelines.multi_student import (
     contiguous_partition,
     kmeans_partition,
 )
-from stepdistill.trainers import get_method
-from stepdistill.trainers.loop import train
+from stepdistill.trainers import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = "digits16_msd"
@@ -42,7 +44,7 @@ def _overrides(teacher: str, *extra: str) -> list[str]:
 
 
 def _method(teacher: str, *extra: str):
-    return get_method("msd")(load_config(CONFIG, _overrides(teacher, *extra)))
+    return build_method(load_config(CONFIG, _overrides(teacher, *extra)))
 
 
 def _students(state: dict) -> dict[int, dict[str, torch.Tensor]]:
@@ -108,7 +110,7 @@ def test_router_pipeline_batches_by_student_and_keeps_the_callers_order(teacher_
 # --- training --------------------------------------------------------------------------------------------------------
 def test_two_students_train_in_turn_and_export_a_routed_pipeline(teacher_dir, tmp_path):
     cfg = load_config(CONFIG, _overrides(teacher_dir, "train.max_steps=8", "train.checkpoint_every=4"))
-    before = get_method("msd")(cfg)
+    before = build_method(cfg)
     run = train(cfg, tmp_path / "run")
     rows = log_rows(run)
     assert [r["step"] for r in rows if "student/loss" in r] == [1, 3, 5, 7]  # blocks: student 0, 1, 0, 1
@@ -153,16 +155,16 @@ def test_export_round_trip_equals_each_students_one_step_output(teacher_dir, tmp
     with torch.no_grad():
         for p in method.students.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     labels = torch.tensor([6, 0, 9, 3])
     gens = [torch.Generator().manual_seed(7 + i) for i in range(4)]
     out = pipe(labels, timesteps=[999], generator=gens, output_type="pt").images
     for i, label in enumerate(labels.tolist()):
         z = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(7 + i))
-        method._activate(int(label >= 5))
+        student = method.nets(int(label >= 5), gan=False).student
         with torch.no_grad():
-            x0 = method.generate(method.classes.cond(torch.tensor([label])), 1, steps=0, noise=z)
+            x0 = method.context().generate(student, method.classes.cond(torch.tensor([label])), 1, steps=0, noise=z)
         torch.testing.assert_close(out[i: i + 1], x0.clamp(-1, 1), atol=1e-5, rtol=1e-5)
     assert "student 1: classes [5, 6, 7, 8, 9]" in (tmp_path / "p" / "README.md").read_text()
 
@@ -197,27 +199,87 @@ def test_tiny_sd_students_split_prompts_by_kmeans(tmp_path):
     assert pipe.router.kind == "prompts"
     owners = pipe.route(prompts.read_text().split("\n")[:4])
     assert sorted(set(owners.tolist())) == [0, 1]
-    method = get_method("msd")(cfg)  # the partition is fitted again, the same (fixed seed)
+    method = build_method(cfg)  # the partition is fitted again, the same (fixed seed)
     assert [method._prompt_owner[p] for p in prompts.read_text().split("\n")[:4]] == owners.tolist()
     images = pipe(["a red cat", "a blue boat"], timesteps=[999], guidance_scale=1.0, height=16, width=16,
                   generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np").images
     assert images.shape == (2, 16, 16, 3)
 
 
+# Runs the CLI in each process of a torch.distributed launch after recording, at every point where the loop shares
+# the students between ranks (before it does), the students whose parts this rank trains: what each rank trained.
+RANK_DUMP_SCRIPT = """
+import sys
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import stepdistill.loop.loop as loop
+from stepdistill.cli import main
+
+dump, held = sys.argv[1], {}
+build_method, share_parts = loop.build_method, loop.share_parts
+
+
+def recording_build(*args, **kwargs):
+    held["method"] = method = build_method(*args, **kwargs)
+    return method
+
+
+def recording_share(phases, *args, **kwargs):
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    students = held["method"].students
+    student_of = {id(p): k for k, s in enumerate(students) for p in s.parameters()}
+    owned = {student_of[id(p)] for phase in phases for params, ranks in phase.parts or [] if rank in ranks
+             for p in params if id(p) in student_of}
+    save_file({f"{k}.{n}": v.detach().cpu().clone() for k in sorted(owned)
+               for n, v in students[k].model.state_dict().items()}, f"{dump}-{rank}.safetensors")
+    return share_parts(phases, *args, **kwargs)
+
+
+loop.build_method, loop.share_parts = recording_build, recording_share
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _train_two_processes_recording(tmp_path, out, overrides: list[str]) -> subprocess.CompletedProcess:
+    """Train the msd recipe with ``overrides`` into ``out`` in 2 CPU processes (torch.distributed.run), each rank
+    writing the students it trained to ``tmp_path / "trained-<rank>.safetensors"``."""
+    script = tmp_path / "record_ranks.py"
+    script.write_text(RANK_DUMP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path / "trained"),
+           "train", "msd", "--config", str(ROOT / "configs" / f"{CONFIG}.yaml"), "--out", str(out), *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_one_student_per_rank_on_two_processes(teacher_dir, tmp_path):
-    """Rank 0 trains student 0 exactly as a 1-process run that trains student 0 alone (same seeds: rank 0's)."""
+    """Each of 2 ranks trains its own student (rank 0 exactly as a 1-process run that trains student 0 alone, same
+    seeds: rank 0's); the checkpoint and the export hold both students as their ranks trained them."""
     extra = ["train.max_steps=4", "data.batch_size=4", "method_args.stage=distribution_matching",
              "optim.student.max_grad_norm=0", "optim.fake_score.max_grad_norm=0", "train.checkpoint_every=0"]
-    res = train_two_processes(ROOT / "configs" / f"{CONFIG}.yaml", tmp_path / "two", _overrides(teacher_dir, *extra))
+    res = _train_two_processes_recording(tmp_path, tmp_path / "two", _overrides(teacher_dir, *extra))
     assert res.returncode == 0, res.stderr[-4000:]
+    # What each rank trained (its own students, before the loop shared them): rank r trains student r only.
+    by_rank = [_students({f"students.{k}": v for k, v in load_file(tmp_path / f"trained-{r}.safetensors").items()})
+               for r in (0, 1)]
+    assert [sorted(d) for d in by_rank] == [[0], [1]]
+    start = _method(teacher_dir).students[1].model.state_dict()
+    assert any(not torch.equal(by_rank[1][1][n], start[n]) for n in start)  # rank 1 trained student 1
     two = _students(load_file(tmp_path / "two" / "checkpoints" / "step-4" / "model.safetensors"))
+    exported = load_pipeline(str(tmp_path / "two" / "pipeline"))
+    for k in (0, 1):  # the checkpoint and the export hold each student as its rank trained it
+        assert two[k].keys() == by_rank[k][k].keys()
+        assert all(torch.equal(two[k][n], v) for n, v in by_rank[k][k].items())
+        weights = exported.students[k].unet.state_dict()
+        assert all(torch.equal(weights[n], v) for n, v in by_rank[k][k].items())
     one_run = train(load_config(CONFIG, _overrides(teacher_dir, *extra, "method_args.train_students=[0]")),
                     tmp_path / "one")
     one = _students(load_file(one_run / "checkpoints" / "step-4" / "model.safetensors"))
     for n, v in one[0].items():
         torch.testing.assert_close(two[0][n], v, atol=1e-6, rtol=1e-5)
-    start = _method(teacher_dir).students[1].model.state_dict()
-    assert any(not torch.equal(two[1][n], start[n]) for n in start)  # rank 1 trained student 1
     assert all(torch.equal(one[1][n], start[n]) for n in start)  # which the 1-process run left alone
 
 

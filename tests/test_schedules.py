@@ -14,6 +14,7 @@ from stepdistill import schedules as S
 from stepdistill.conditioning import ClassConditioning, Cond
 from stepdistill.denoiser import Denoiser
 from stepdistill.errors import UserError
+from stepdistill.pipelines.families.class_conditional import ClassFamily
 
 
 def tiny_unet(num_class_embeds=None):
@@ -38,7 +39,7 @@ def test_alphas_cumprod_and_alpha_sigma_match_diffusers(schedule):
 
 def test_add_noise_matches_diffusers():
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
-    den = Denoiser(tiny_unet(), sched)
+    den = Denoiser(tiny_unet(), sched, ClassFamily.call)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t = torch.tensor([3, 250, 600, 999])
@@ -90,7 +91,7 @@ def test_ddim_solver_step_matches_diffusers(pred):
     sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=pred, clip_sample=False,
                           timestep_spacing="trailing", set_alpha_to_one=True)
     unet = tiny_unet()
-    den = Denoiser(unet, sched)
+    den = Denoiser(unet, sched, ClassFamily.call)
     sched.set_timesteps(4)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 8, 8, generator=g)
@@ -123,18 +124,18 @@ def test_euler_flow_step_matches_diffusers():
 
 
 def test_denoiser_reads_prediction_type_and_flow_from_config():
-    unet = tiny_unet()
-    assert Denoiser(unet, DDIMScheduler(prediction_type="v_prediction")).prediction_type == "v_prediction"
-    assert Denoiser(unet, EulerDiscreteScheduler()).prediction_type == "epsilon"
-    flow = Denoiser(unet, FlowMatchEulerDiscreteScheduler())
+    unet, call = tiny_unet(), ClassFamily.call
+    assert Denoiser(unet, DDIMScheduler(prediction_type="v_prediction"), call).prediction_type == "v_prediction"
+    assert Denoiser(unet, EulerDiscreteScheduler(), call).prediction_type == "epsilon"
+    flow = Denoiser(unet, FlowMatchEulerDiscreteScheduler(), call)
     assert flow.is_flow and flow.prediction_type == "flow_prediction"
     with pytest.raises(UserError, match="no noise schedule"):
-        Denoiser(unet, {"_class_name": "Weird"})
+        Denoiser(unet, {"_class_name": "Weird"}, call)
 
 
 def test_denoiser_targets_are_consistent():
     sched = DDIMScheduler(prediction_type="v_prediction")
-    den = Denoiser(tiny_unet(), sched)
+    den = Denoiser(tiny_unet(), sched, ClassFamily.call)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1, 8, 8, generator=g)
     t = torch.tensor([100, 500, 900])
@@ -158,7 +159,7 @@ def test_cfg_standard_convention():
 def test_denoiser_cfg_equals_two_calls():
     sched = DDIMScheduler(prediction_type="epsilon")
     unet = tiny_unet(num_class_embeds=4)
-    den = Denoiser(unet, sched)
+    den = Denoiser(unet, sched, ClassFamily.call)
     classes = ClassConditioning(3)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 8, 8, generator=g)

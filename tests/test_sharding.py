@@ -1,6 +1,7 @@
-"""train.sharding=fsdp2 (trainers/sharding.py): a 2-process FSDP2 run of DMD2 on the tiny SD pipeline (full student,
-full fake score and GAN head sharded, EMA on) reaches the losses and weights of the same run under DDP, resumes
-from its half-way checkpoint exactly, and exports a stock pipeline; what cannot be sharded is refused."""
+"""train.sharding=fsdp2 (stepdistill/loop/sharding.py): a 2-process FSDP2 run of DMD2 on the tiny SD pipeline
+(full student, full fake score and GAN head sharded, EMA on) reaches the losses and weights of the same run under
+DDP, resumes from its half-way checkpoint exactly, and exports a stock pipeline; what cannot be sharded is
+refused."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from _tiny import log_rows, save_captioned, train_two_processes
 from _tiny_sd import build_tiny_sd
 from safetensors.torch import load_file
 
-from stepdistill.config import load_config
 from stepdistill.errors import ConfigError
-from stepdistill.trainers.loop import train
+from stepdistill.loop import train
+from stepdistill.trainers import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

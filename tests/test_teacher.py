@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from _tiny import digits_batch, fixed_loss_descent
+from _tiny import digits_batch, export, fixed_loss_descent, grid
 
-from stepdistill.config import load_config
+from stepdistill.loop import build_method, train
 from stepdistill.pipelines import ClassConditionalPipeline, load_pipeline
-from stepdistill.trainers import get_method
-from stepdistill.trainers.loop import train
+from stepdistill.trainers import load_config
 
 TINY = ["method_args.block_out_channels=[8,16]", "method_args.layers_per_block=1",
         "method_args.down_block_types=[DownBlock2D,DownBlock2D]", "method_args.up_block_types=[UpBlock2D,UpBlock2D]",
@@ -40,7 +39,7 @@ def test_teacher_trains_and_exports(tmp_path):
 def test_teacher_loss_moves_the_network_toward_the_target():
     """A few optimizer steps on one fixed batch reduce that batch's loss (the gradient points the right way)."""
     cfg = load_config("configs/digits16_teacher.yaml", TINY)
-    method = get_method("teacher")(cfg)
+    method = build_method(cfg)
     opt = torch.optim.Adam(method.unet.parameters(), lr=3e-3)
     before, after = fixed_loss_descent(method, "main", digits_batch(64), opt, 15)
     assert after < 0.7 * before
@@ -48,18 +47,18 @@ def test_teacher_loss_moves_the_network_toward_the_target():
 
 def test_unconditional_teacher_exports_ddim_pipeline(tmp_path):
     cfg = load_config("configs/digits16_teacher.yaml", TINY + ["method_args.num_classes=0"])
-    method = get_method("teacher")(cfg)
-    method.export(tmp_path / "p")
+    method = build_method(cfg)
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     assert type(pipe).__name__ == "DDIMPipeline"
-    assert method.sample_grid(2, 0).shape == (2, 16, 16, 1)
+    assert grid(method, 2, 0).shape == (2, 16, 16, 1)
 
 
 def test_flow_teacher_trains_on_the_rectified_flow_target_and_exports_a_flow_pipeline(tmp_path):
     """prediction_type flow_prediction: x_t = (1 - s) x0 + s eps with the target eps - x0 at t = s T (checked against
     the formula, not the Denoiser), a falling loss, and a pipeline with FlowMatchEulerDiscreteScheduler."""
     cfg = load_config("digits16_flow_teacher", TINY)
-    method = get_method("teacher")(cfg)
+    method = build_method(cfg)
     assert method.denoiser.is_flow
     x0, eps, t = torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16), torch.tensor([100.0, 500.0, 1000.0])
     s = (t / 1000).reshape(-1, 1, 1, 1)
@@ -68,7 +67,7 @@ def test_flow_teacher_trains_on_the_rectified_flow_target_and_exports_a_flow_pip
     opt = torch.optim.Adam(method.unet.parameters(), lr=3e-3)
     before, after = fixed_loss_descent(method, "main", digits_batch(64), opt, 15)
     assert after < 0.7 * before
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     img = pipe([3, 7], num_inference_steps=4, guidance_scale=2.0, output_type="np").images

@@ -7,8 +7,8 @@ from _tiny_sd import build_tiny_sd
 
 from stepdistill.conditioning import Cond, PromptCache
 from stepdistill.denoiser import Denoiser
-from stepdistill.families import SDFamily, family_of
 from stepdistill.pipelines import load_pipeline
+from stepdistill.pipelines.families import SDFamily, family_of
 
 
 @pytest.fixture(scope="module")

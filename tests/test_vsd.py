@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import digits_batch, log_rows, randomize_lora, run_overrides, save_class_teacher
+from _tiny import digits_batch, export, log_rows, loss, randomize_lora, run_overrides, save_class_teacher
 from _tiny_sd import build_tiny_flux, build_tiny_sd, build_tiny_sd3
 from safetensors.torch import load_file
 
-from stepdistill.config import load_config
 from stepdistill.errors import ConfigError
+from stepdistill.loop import build_method, train
 from stepdistill.pipelines import load_pipeline
-from stepdistill.trainers import get_method
-from stepdistill.trainers.common import adapters
-from stepdistill.trainers.loop import train
+from stepdistill.pipelines.lora import adapters
+from stepdistill.trainers import load_config
+from stepdistill.trainers.vsd import vsd_grad
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LORA = ["method_args.fake_score_lora_rank=4", "method_args.fake_score_lora_alpha=4"]
@@ -36,10 +36,10 @@ def _cfg(teacher: str, *extra: str):
 def test_vsd_gradient_is_sigma2_times_the_eps_difference(teacher_dir):
     """w(t) (eps_teacher - eps_fake) with w = sigma_t^2, both with CFG at the same scale, computed here from the
     networks' eps predictions; the method works in x0 space."""
-    method = get_method("vsd")(_cfg(teacher_dir))
+    method = build_method(_cfg(teacher_dir))
     randomize_lora(method.teacher.model, 0.1)  # a fake score that differs from the teacher
     labels = torch.tensor([1, 5, 7])
-    cond, uncond = method.classes.cond(labels), method.classes.uncond(3, "cpu")
+    cond, uncond = method.family.classes.cond(labels), method.family.classes.uncond(3, "cpu")
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 1, 16, 16, generator=g)
     t = torch.tensor([50, 400, 900])
@@ -49,7 +49,7 @@ def test_vsd_gradient_is_sigma2_times_the_eps_difference(teacher_dir):
         with adapters(method.teacher.model, False):
             eps_real = method.teacher(x_t, t, cond, "eps", guidance_scale=w, uncond=uncond)
         eps_fake = method.teacher(x_t, t, cond, "eps", guidance_scale=w, uncond=uncond)
-        got = method.vsd_grad(x0, x_t, t, cond, uncond, w)
+        got = vsd_grad(method.cfg, method.context(), method.fake(), x0, x_t, t, cond, uncond, w)
     sigma2 = (1 - method.teacher.alphas_cumprod[t]).float()
     want = sigma2.view(-1, 1, 1, 1) * (eps_real - eps_fake)
     assert want.abs().max() > 1e-3  # the two scores differ
@@ -63,20 +63,20 @@ def test_vsd_gradient_is_sigma2_times_the_eps_difference(teacher_dir):
 
 
 def test_pg_sb_draws_one_scale_per_step_for_both_scores(teacher_dir):
-    method = get_method("vsd")(_cfg(teacher_dir, "method_args.guidance_min=1.5", "method_args.guidance_max=4"))
+    method = build_method(_cfg(teacher_dir, "method_args.guidance_min=1.5", "method_args.guidance_max=4"))
     seen = []
     orig = type(method.teacher).raw
 
-    def raw(self, x_t, t, cond, guidance_scale=None, uncond=None):
+    def raw(self, x_t, t, cond, guidance_scale=None, uncond=None, features=False):
         seen.append(guidance_scale)
-        return orig(self, x_t, t, cond, guidance_scale, uncond)
+        return orig(self, x_t, t, cond, guidance_scale, uncond, features)
 
     draws = []
     for step in range(3):
         seen.clear()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(type(method.teacher), "raw", raw)
-            method.loss("student", digits_batch(4), step)
+            loss(method, "student", digits_batch(4), step)
         assert len(seen) == 3 and seen[1] == seen[2]  # the student pass, then teacher and fake score at one scale
         assert seen[0] is None and isinstance(seen[1], float) and 1.5 <= seen[1] <= 4
         draws.append(seen[1])
@@ -85,7 +85,7 @@ def test_pg_sb_draws_one_scale_per_step_for_both_scores(teacher_dir):
 
 def test_smoke_run_moves_student_trains_lora_and_keeps_the_teacher(teacher_dir, tmp_path):
     cfg = _cfg(teacher_dir, "train.max_steps=6", "data.batch_size=4", "train.checkpoint_every=3")
-    before = get_method("vsd")(cfg)
+    before = build_method(cfg)
     run = train(cfg, tmp_path / "run")
     rows = log_rows(run)
     assert [r["step"] for r in rows] == list(range(1, 7)) and rows[-1]["student/grad_norm"] > 0
@@ -115,18 +115,18 @@ def test_smoke_run_moves_student_trains_lora_and_keeps_the_teacher(teacher_dir, 
 
 
 def test_export_round_trip_equals_the_one_step_student(teacher_dir, tmp_path):
-    method = get_method("vsd")(_cfg(teacher_dir))
+    method = build_method(_cfg(teacher_dir))
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    method.export(tmp_path / "p")
+    export(method, tmp_path / "p")
     pipe = load_pipeline(str(tmp_path / "p"))
     labels = torch.tensor([0, 3])
     gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
     out = pipe(labels, timesteps=[999], generator=gens, output_type="pt").images
     z = torch.cat([torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(7 + i)) for i in range(2)])
     with torch.no_grad():
-        x0 = method.generate(method.classes.cond(labels), 2, steps=0, noise=z)
+        x0 = method.context().generate(method.student, method.family.classes.cond(labels), 2, steps=0, noise=z)
     torch.testing.assert_close(out, x0.clamp(-1, 1), atol=1e-5, rtol=1e-5)
     assert "VSD student" in (tmp_path / "p" / "README.md").read_text()
 
@@ -157,7 +157,7 @@ def test_tiny_text_families_train_from_prompts_only(build, tmp_path):
 def test_config_errors(teacher_dir, override, message):
     extra = ["method_args.guidance_min=2", "method_args.guidance_max=2"] if "guidance" not in override else []
     with pytest.raises(ConfigError, match=message):
-        get_method("vsd")(load_config("digits16_vsd", run_overrides(teacher_dir, *extra, override)))
+        build_method(load_config("digits16_vsd", run_overrides(teacher_dir, *extra, override)))
 
 
 def test_an_empty_prompt_file_is_one_line_error(tmp_path):

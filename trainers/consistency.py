@@ -12,7 +12,7 @@ Variants, chosen by config:
 - **LCM** (``lora_rank: 0``, ``segments: [1]``): a full trainable copy of the teacher network; the target is an EMA
   of the student (``target_ema_decay``, 0.95 as LCM) that the method owns and updates itself at the start of every
   loop step. Its weights are *buffers* (not frozen parameters) so that the loop's checkpoints, which leave frozen
-  parameters out, store them and resume is exact; DDP is told not to broadcast them (every rank computes the same EMA).
+  parameters out, store them and resume is exact; every rank computes the same EMA.
 - **LCM-LoRA** (``lora_rank > 0``): peft LoRA adapters on the teacher network itself; the teacher is that network
   with the adapters switched off; the target is the student under no grad with an EMA of its adapter weights swapped
   in (``target_ema_decay`` > 0; the adapters alone, no second copy of the network) or, at 0, the student itself as in
@@ -36,8 +36,9 @@ range is a ConfigError). Adding a w input would need a network class of our own 
 exported ClassConditionalPipeline cannot load, for a toy whose teacher is used at one w anyway. LoRA students are
 never w-conditioned (as LCM-LoRA): a range trains them on an average of the guided trajectories.
 
-Data: consistency distillation needs x0 samples (images, VAE-encoded for latent teachers). A prompt file has none and
-is a ConfigError; generating x0 with the teacher (50 guided steps per sample) would cost more than the distillation.
+Data: consistency distillation needs x0 samples (images, VAE-encoded for latent teachers by the family). A prompt
+file has none and is refused before anything is written; generating x0 with the teacher (50 guided steps per sample)
+would cost more than the distillation.
 
 Healthy runs. Observed only on small runs: a tiny *random-weight* class-conditional teacher (8/16 channels),
 batch 32, 300 steps, the digits16 configs' learning rates (the trained digits16 teacher was not available yet), so
@@ -57,39 +58,29 @@ read the shapes, not the values:
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 from torch import nn
 
 from stepdistill import schedules as S
-from stepdistill.conditioning import ClassConditioning, Cond, sample_guidance_scale
-from stepdistill.data import to_uint8
+from stepdistill.batch import Batch
+from stepdistill.conditioning import Cond, sample_guidance_scale
 from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError
-from stepdistill.pipelines.lora import base_fingerprint
+from stepdistill.pipelines.export import LoraStudent, StudentSpec, teacher_reference
+from stepdistill.pipelines.families.base import takes_keyword
+from stepdistill.pipelines.lora import adapters, add_lora, base_fingerprint, fuse_lora
 
-from .base import Method, Phase
-from .common import (
-    adapters,
-    add_lora,
-    cast_frozen,
-    check_labels,
-    load_teacher,
-    teacher_reference,
-)
+from .base import Method, Phase, Setup
 
 # Modules LCM-LoRA adapts (those present in the network are used): attention projections and feed-forwards of
 # transformer blocks, resnet convolutions and time projections, up/down-samplers.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
-IMAGES_MSG = ("consistency distillation needs x0 samples (images): set data.source to an image folder (with captions "
-              "for a text teacher), a local HF datasets folder or digits16; a prompt file has no images")
 
 
 @dataclass
@@ -166,14 +157,6 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).mean()
 
 
-def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """diffusers' guidance-scale embedding of the LCM-convention scale w - 1 (what StableDiffusionPipeline feeds)."""
-    from diffusers import StableDiffusionPipeline
-
-    # The helper is an instance method that does not use the instance.
-    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().cpu() - 1, embedding_dim=dim)
-
-
 class AdapterEMA(nn.Module):
     """EMA copies (buffers, so they are checkpointed and never trained) of a LoRA student's adapter weights."""
 
@@ -209,11 +192,47 @@ class AdapterEMA(nn.Module):
 def params_to_buffers(module: nn.Module) -> nn.Module:
     """Turn every parameter of ``module`` into a (persistent) buffer of the same name, in place."""
     for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                del m._parameters[name]
-                m.register_buffer(name, p.detach().clone())
+        for name, p in list(m.named_parameters(recurse=False)):
+            delattr(m, name)
+            m.register_buffer(name, p.detach().clone())
     return module
+
+
+
+def check_consistency_config(c: ConsistencyConfig, T: int) -> None:
+    """ConfigError naming the first key out of its range."""
+    if not 1 <= c.num_ddim_timesteps <= T or T % c.num_ddim_timesteps:
+        raise ConfigError(f"method_args.num_ddim_timesteps must divide the teacher's {T} training timesteps, "
+                          f"got {c.num_ddim_timesteps}")
+    if c.guidance_min > c.guidance_max:
+        raise ConfigError(f"method_args.guidance_min ({c.guidance_min}) > guidance_max ({c.guidance_max}): the "
+                          "guidance range is inverted")
+    if c.guidance_min <= 0:
+        raise ConfigError("method_args.guidance_min must be > 0 (1 = no CFG)")
+    if c.lora_rank < 0:
+        raise ConfigError(f"method_args.lora_rank must be >= 1 for a LoRA student (0 = full student), got "
+                          f"{c.lora_rank}")
+    if c.loss not in ("huber", "l2"):
+        raise ConfigError(f"method_args.loss must be 'huber' or 'l2', got {c.loss!r}")
+    if c.huber_c <= 0 or not 0 <= c.target_ema_decay < 1 or c.w_embedding_dim < 0 or c.sample_steps < 1:
+        raise ConfigError("method_args.huber_c must be > 0, target_ema_decay in [0, 1), w_embedding_dim >= 0 and "
+                          "sample_steps >= 1")
+    segs, starts = list(c.segments), list(c.segment_starts)
+    if not segs or len(segs) != len(starts) or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ConfigError(f"method_args.segments and segment_starts must be equally long with segment_starts "
+                          f"strictly increasing from 0, got {segs} / {starts}")
+    for s in segs:
+        if s < 1 or T % s or s > c.num_ddim_timesteps:
+            raise ConfigError(f"method_args.segments: each count must divide {T} and be at most num_ddim_timesteps"
+                              f" ({c.num_ddim_timesteps}), got {s}")
+    grid = set(ddim_grid(c.num_ddim_timesteps, T).tolist())
+    for ts in c.sample_timesteps:
+        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or not set(ts) <= grid:
+            raise ConfigError(f"method_args.sample_timesteps: each schedule must be descending points of the "
+                              f"{c.num_ddim_timesteps}-point DDIM grid ({T // c.num_ddim_timesteps}k - 1, e.g. "
+                              f"{T - 1}), got {list(ts)}; fix it or set method_args.sample_timesteps=[]")
+    if len({len(ts) for ts in c.sample_timesteps}) != len(c.sample_timesteps):
+        raise ConfigError("method_args.sample_timesteps: give at most one schedule per step count")
 
 
 class ConsistencyMethod(Method):
@@ -222,38 +241,26 @@ class ConsistencyMethod(Method):
     Networks: the frozen teacher; the student (a trainable copy, or LoRA adapters on the teacher network so that
     no second copy exists); for full students an EMA target network held as buffers.
 
-    Supported teachers: :class:`~stepdistill.pipelines.ClassConditionalPipeline` (pixel space, class labels with a
-    null class) and SD-type text pipelines (``UNet2DConditionModel`` + VAE + one CLIP text encoder, in latent space).
-
     Args:
-        run_config: the resolved :class:`~stepdistill.config.RunConfig`; ``run_config.method_args`` is a
-            :class:`ConsistencyConfig`.
+        setup: the teacher's family and Denoiser, the world, the data, the run's length (the final segment count).
+        cfg: the method's :class:`ConsistencyConfig`.
     """
 
     name = "consistency"
     Config = ConsistencyConfig
     phase_names = ("student",)
+    images_needed_for = "x0 samples to noise (consistency distillation trains on the teacher's ODE from data)"
 
-    def __init__(self, run_config):
-        super().__init__(run_config)
-        c: ConsistencyConfig = self.cfg
-        src = Path(run_config.data.source)
-        if src.is_file() and src.suffix.lower() in (".txt", ".prompts"):
-            raise ConfigError(IMAGES_MSG)
-        self.family, teacher = load_teacher(run_config, "consistency distillation")
-        unet, scheduler = self.family.network, self.family.pipe.scheduler
-        self.scheduler = scheduler
+    def __init__(self, setup: Setup, cfg: ConsistencyConfig):
+        super().__init__(setup, cfg)
+        c = cfg
+        teacher = setup.teacher
         self.T = teacher.num_train_timesteps
+        self.max_steps = setup.max_steps
         self.lora = c.lora_rank != 0
-        self._validate(c, self.T)
-
-        # Conditioning: class labels or prompts (the family encodes them); latent teachers also bring their frozen
-        # VAE and text encoders, registered here once so that they move with this Method to its device.
-        self.classes: ClassConditioning | None = self.family.classes
-        for name, module in self.family.frozen_modules().items():
-            setattr(self, name, module)
-
+        check_consistency_config(c, self.T)
         self.w_dim = 0
+        unet = teacher.model
         if self.lora:
             # LCM-LoRA: adapters on the teacher network; adapters off = the teacher, on = the student and its target.
             self.lora_config = add_lora(unet, c.lora_rank, c.lora_alpha, LORA_TARGETS, "method_args.lora_rank")
@@ -264,7 +271,7 @@ class ConsistencyMethod(Method):
             self.target_adapters = (AdapterEMA([p for p in unet.parameters() if p.requires_grad])
                                     if c.target_ema_decay > 0 else None)
         else:
-            # LCM: a full trainable copy, w-conditioned where the network takes a timestep_cond.
+            # LCM: a full trainable copy, w-conditioned where the network takes a guidance embedding.
             self._frozen_teacher = teacher
             self.target_adapters = None
             net = self._full_student(unet, c)
@@ -273,72 +280,30 @@ class ConsistencyMethod(Method):
             self.target = self.family.denoiser(params_to_buffers(copy.deepcopy(net)))
         # The base weights' fingerprint a LoRA export records, taken before they are cast to train.teacher_dtype.
         self.base_fingerprint = base_fingerprint(unet) if self.lora else None
-        # The frozen teacher (and VAE, text encoders) in train.teacher_dtype, now that the trainable copies exist.
-        cast_frozen(teacher, self.family, run_config.train.teacher_dtype)
         # The loop step the target was last updated at (-1: never), so resume replays the updates exactly.
         self.register_buffer("target_step", torch.tensor(-1, dtype=torch.long))
-        # Every rank computes the same target state; the loop's DDP never broadcasts buffers.
 
     # --- construction helpers -----------------------------------------------------------------------------------
-    def _validate(self, c: ConsistencyConfig, T: int) -> None:
-        if not 1 <= c.num_ddim_timesteps <= T or T % c.num_ddim_timesteps:
-            raise ConfigError(f"method_args.num_ddim_timesteps must divide the teacher's {T} training timesteps, "
-                              f"got {c.num_ddim_timesteps}")
-        if c.guidance_min > c.guidance_max:
-            raise ConfigError(f"method_args.guidance_min ({c.guidance_min}) > guidance_max ({c.guidance_max}): the "
-                              "guidance range is inverted")
-        if c.guidance_min <= 0:
-            raise ConfigError("method_args.guidance_min must be > 0 (1 = no CFG)")
-        if c.lora_rank < 0:
-            raise ConfigError(f"method_args.lora_rank must be >= 1 for a LoRA student (0 = full student), got "
-                              f"{c.lora_rank}")
-        if c.loss not in ("huber", "l2"):
-            raise ConfigError(f"method_args.loss must be 'huber' or 'l2', got {c.loss!r}")
-        if c.huber_c <= 0 or not 0 <= c.target_ema_decay < 1 or c.w_embedding_dim < 0 or c.sample_steps < 1:
-            raise ConfigError("method_args.huber_c must be > 0, target_ema_decay in [0, 1), w_embedding_dim >= 0 and "
-                              "sample_steps >= 1")
-        segs, starts = list(c.segments), list(c.segment_starts)
-        if not segs or len(segs) != len(starts) or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
-            raise ConfigError(f"method_args.segments and segment_starts must be equally long with segment_starts "
-                              f"strictly increasing from 0, got {segs} / {starts}")
-        for s in segs:
-            if s < 1 or T % s or s > c.num_ddim_timesteps:
-                raise ConfigError(f"method_args.segments: each count must divide {T} and be at most num_ddim_timesteps"
-                                  f" ({c.num_ddim_timesteps}), got {s}")
-        grid = set(ddim_grid(c.num_ddim_timesteps, T).tolist())
-        for ts in c.sample_timesteps:
-            if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or not set(ts) <= grid:
-                raise ConfigError(f"method_args.sample_timesteps: each schedule must be descending points of the "
-                                  f"{c.num_ddim_timesteps}-point DDIM grid ({T // c.num_ddim_timesteps}k - 1, e.g. "
-                                  f"{T - 1}), got {list(ts)}; fix it or set method_args.sample_timesteps=[]")
-        if len({len(ts) for ts in c.sample_timesteps}) != len(c.sample_timesteps):
-            raise ConfigError("method_args.sample_timesteps: give at most one schedule per step count")
-
     def _full_student(self, unet: nn.Module, c: ConsistencyConfig) -> nn.Module:
         fixed = c.guidance_min == c.guidance_max
-        if "time_cond_proj_dim" not in unet.config:  # UNet2DModel: no timestep_cond input
+        have = self.family.guidance_embedding_dim(unet)
+        if have is None:  # e.g. UNet2DModel: no guidance input
             if not fixed:
                 raise ConfigError(f"a full {type(unet).__name__} student cannot be conditioned on the guidance scale "
                                   "(no timestep_cond input): set guidance_min == guidance_max, or use a LoRA student "
                                   "(lora_rank > 0)")
             return copy.deepcopy(unet)
-        have = unet.config.time_cond_proj_dim
-        if have is not None:  # the teacher already takes a w embedding: keep its size
-            self.w_dim = int(have)
+        if have:  # the teacher already takes a w embedding: keep its size
+            self.w_dim = have
             return copy.deepcopy(unet)
         if c.w_embedding_dim == 0:
             if not fixed:
                 raise ConfigError("a guidance range (guidance_min < guidance_max) needs method_args.w_embedding_dim "
                                   "> 0 for a full student")
             return copy.deepcopy(unet)
-        # LCM: the teacher's weights in a UNet that also takes timestep_cond; the new projection starts at zero so the
-        # student starts exactly as the teacher.
+        # LCM: the teacher's weights in a network that also takes the embedding, starting exactly as the teacher.
         self.w_dim = c.w_embedding_dim
-        net = type(unet).from_config(unet.config, time_cond_proj_dim=c.w_embedding_dim)
-        missing, unexpected = net.load_state_dict(unet.state_dict(), strict=False)
-        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
-        nn.init.zeros_(net.time_embedding.cond_proj.weight)
-        return net
+        return self.family.with_guidance_embedding(unet, c.w_embedding_dim)
 
     def _adapters(self, enabled: bool) -> AbstractContextManager:
         """With a LoRA student, switch its adapters on (student) or off (teacher); a no-op otherwise."""
@@ -349,10 +314,6 @@ class ConsistencyMethod(Method):
         """The teacher Denoiser (with a LoRA student: the same network, to be called with adapters off)."""
         return self.student if self.lora else self._frozen_teacher
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.student.model.parameters()).device
-
     def segments_at(self, step: int) -> int:
         """Segment count S of the progressive schedule at loop step ``step``."""
         c = self.cfg
@@ -360,7 +321,7 @@ class ConsistencyMethod(Method):
 
     @property
     def final_segments(self) -> int:
-        return self.segments_at(max(self.run_config.train.max_steps - 1, 0))
+        return self.segments_at(max(self.max_steps - 1, 0))
 
     # --- the consistency function ---------------------------------------------------------------------------------
     def consistency_fn(self, net: Denoiser, x_t: torch.Tensor, t: torch.Tensor, boundary: torch.Tensor,
@@ -391,47 +352,27 @@ class ConsistencyMethod(Method):
     def _student_cond(self, cond: Cond, w: torch.Tensor) -> Cond:
         if not self.w_dim:
             return cond
-        emb = guidance_embedding(w, self.w_dim).to(self.device)
+        emb = self.family.guidance_embedding(w, self.w_dim).to(w.device)
         return cond.with_timestep_cond(emb)
-
-    # --- data -----------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _x0_and_cond(self, batch: dict) -> tuple[torch.Tensor, Cond, Cond]:
-        """Clean samples in the network's space (pixels or VAE latents) with their (cond, uncond)."""
-        if "image" not in batch:
-            raise ConfigError(IMAGES_MSG)
-        x = batch["image"].to(self.device)
-        n = x.shape[0]
-        if self.classes is not None:
-            if "label" not in batch:
-                raise ConfigError("a class-conditional teacher needs labelled images (data.source digits16 or a "
-                                  "labelled dataset)")
-            labels = torch.as_tensor(batch["label"], device=self.device).long()
-            check_labels(labels, self.classes)
-            return x, self.classes.cond(labels), self.classes.uncond(n, self.device)
-        if "prompt" not in batch:
-            raise ConfigError("a text teacher needs captioned images (metadata.jsonl / .txt captions)")
-        cond, uncond = self.family.prompt_cond(list(batch["prompt"]), self.device)
-        return self.family.to_latents(x), cond, uncond
 
     # --- the Method contract --------------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
-        return [Phase("student", [p for p in self.student.parameters() if p.requires_grad])]
+        return [Phase("student", [p for p in self.student.parameters() if p.requires_grad], real=True)]
 
     def ema_network(self) -> nn.Module | None:
         return None if self.lora else self.student.model
 
-    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if phase != "student":
             raise ValueError(f"unknown phase {phase!r}")
         return self.student_loss(batch, step)
 
-    def student_loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def student_loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The consistency distillation loss at loop step ``step``."""
         c: ConsistencyConfig = self.cfg
         # 0. The EMA target catches up with the student as it is after the previous optimizer step.
         self.update_target(step)
-        x0, cond, uncond = self._x0_and_cond(batch)
+        x0, cond, uncond = batch.real, batch.cond, batch.uncond
         n, dev = x0.shape[0], x0.device
         # 1. t_{n+k} uniformly on the DDIM grid; its segment's lower boundary b (-1 = clean end for S = 1).
         segs = self.segments_at(step)
@@ -443,7 +384,7 @@ class ConsistencyMethod(Method):
         t_n = torch.maximum(t - self.T // c.num_ddim_timesteps, b.clamp(min=0))
         # 2. Noise x0 to x_{t_{n+k}}.
         x_t = self.teacher.add_noise(x0, torch.randn_like(x0), t)
-        # 3. Per-sample guidance scale w (standard convention); a full SD student is conditioned on it.
+        # 3. Per-sample guidance scale w (standard convention); a w-conditioned student sees it.
         w = sample_guidance_scale(n, c.guidance_min, c.guidance_max, device=dev)
         s_cond = self._student_cond(cond, w)
         with torch.no_grad():
@@ -469,20 +410,22 @@ class ConsistencyMethod(Method):
         logs = {"segments": float(segs), "w_mean": w.mean().item(), "at_boundary": (t_n == b).float().mean().item()}
         return loss, logs
 
-    # --- outputs --------------------------------------------------------------------------------------------------
+    # --- the student ------------------------------------------------------------------------------------------------
     def student_timesteps(self) -> list[int]:
         """The exported sampler's timesteps: trailing DDIM over the final segments, or LCM's 1-step [T - 1]."""
         return segment_edges(self.final_segments, self.T)[:-1]
+
+    def sample_schedules(self) -> list[list[int]]:
+        """The recommended LCM sampling schedules the export records (none for multi-segment students)."""
+        return [[int(t) for t in ts] for ts in self.cfg.sample_timesteps] if self.final_segments == 1 else []
 
     def export_scheduler(self):
         """LCMScheduler (one segment: LCM's own boundary scalings and grid) or trailing DDIM (S segments); for a
         flow-matching teacher its unshifted FlowMatchEulerDiscreteScheduler, stochastic for one segment (each step
         predicts x0 and re-noises it, as LCM sampling does; the boundary scalings, c_skip <= 7e-6 on the DDIM grid's
         points, are left out) and deterministic Euler through the segment starts otherwise."""
-        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
-
         common = dict(clip_sample=False, thresholding=False)
-        config = self.scheduler.config
+        config = self.family.pipe.scheduler.config
         if self.teacher.is_flow:
             sched = FlowMatchEulerDiscreteScheduler.from_config(config, shift=1.0, use_dynamic_shifting=False,
                                                                 stochastic_sampling=self.final_segments == 1)
@@ -494,7 +437,7 @@ class ConsistencyMethod(Method):
         sched.register_to_config(student_timesteps=self.student_timesteps(),
                                  consistency_segments=self.final_segments,
                                  sample_timesteps=self.sample_schedules(),
-                                 distilled_from=teacher_reference(self.run_config.teacher))
+                                 distilled_from=teacher_reference(self.teacher_name))
         if self.teacher.is_flow:  # the same schedules as noise levels: the stock SD3 / Flux pipelines take sigmas=
             sched.register_to_config(student_sigmas=self._sigmas(self.student_timesteps()),
                                      sample_sigmas=[self._sigmas(ts) for ts in self.sample_schedules()])
@@ -503,91 +446,38 @@ class ConsistencyMethod(Method):
     def _sigmas(self, timesteps: list[int]) -> list[float]:
         return [t / self.T for t in timesteps]
 
+    def _sample_steps(self) -> int:
+        return self.cfg.sample_steps if self.final_segments == 1 else self.final_segments
+
     def _sampling_kwargs(self, steps: int) -> dict:
         """How the exported pipeline is asked for the recorded ``steps``-step sampler (timesteps= or sigmas=)."""
         rec = {len(r): r for r in self.sample_schedules()}
         ts = rec.get(steps) or (self.student_timesteps() if steps == len(self.student_timesteps()) else None)
         if ts is None:
             return {"num_inference_steps": steps}
-        if self.teacher.is_flow and self.classes is None:
-            return {"sigmas": self._sigmas(ts)}
-        return {"timesteps": ts}
-
-    def sample_schedules(self) -> list[list[int]]:
-        """The recommended LCM sampling schedules the export records (none for multi-segment students)."""
-        return [[int(t) for t in ts] for ts in self.cfg.sample_timesteps] if self.final_segments == 1 else []
+        kwargs = self.family.schedule_kwargs(ts, self.T)
+        # A scheduler that takes no explicit schedule (DDIMScheduler of multi-segment students) samples the trained
+        # timesteps from the step count itself (trailing spacing: exactly the segment starts).
+        if not all(takes_keyword(self.export_scheduler().set_timesteps, k) for k in kwargs):
+            return {"num_inference_steps": steps}
+        return kwargs
 
     def fused_network(self) -> nn.Module:
         """The student network as a plain diffusers model (LoRA adapters merged into a copy)."""
         if not self.lora:
             return self.student.model
-        from stepdistill.pipelines.lora import fuse_lora
-
         # float32 like every exported student, whatever dtype the frozen base weights are kept in during training.
         return fuse_lora(copy.deepcopy(self.student.model)).float()
 
-    def pipeline(self, originals: bool = False):
-        """The student as an in-memory pipeline of the teacher's own pipeline class (see Family.export_pipeline)."""
-        return self.family.export_pipeline(self.fused_network(), self.export_scheduler(), originals)
-
-    def _sample_steps(self) -> int:
-        return self.cfg.sample_steps if self.final_segments == 1 else self.final_segments
-
-    @torch.no_grad()
-    def sample_grid(self, num: int, seed: int) -> np.ndarray:
-        with self.family.frozen_in(torch.float32):
-            return self._sample_grid(num, seed)
-
-    def _sample_grid(self, num: int, seed: int) -> np.ndarray:
-        from stepdistill.pipelines import recorded_schedule
-
-        pipe = self.pipeline()
-        steps = self._sample_steps()
-        when = recorded_schedule(pipe, steps) or {"num_inference_steps": steps}
-        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
-        if self.classes is not None:
-            labels = torch.arange(num) % self.classes.num_classes
-            return to_uint8(pipe(labels, generator=gens, output_type="pt", **when).images)
-        prompts = [self.cfg.sample_prompts[i % len(self.cfg.sample_prompts)] for i in range(num)]
-        w = self.cfg.guidance_max if self.w_dim else self.family.distilled_guidance_scale
-        size = self.run_config.data.resolution
-        images = pipe(prompts, guidance_scale=w, generator=gens, output_type="np", height=size, width=size,
-                      **when).images
-        return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
-
-    def export(self, out_dir: Path) -> None:
-        """Full students: a pipeline folder. LoRA students: ``pytorch_lora_weights.safetensors`` + the scheduler (and,
-        for class-conditional teachers, the fused pipeline too, which is a few MB)."""
-        from stepdistill.pipelines.lora import save_lora
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        pipe = self.pipeline(originals=self.run_config.train.teacher_dtype != "float32")
-        if not self.lora or self.classes is not None:
-            pipe.save_pretrained(str(out_dir), safe_serialization=True)
-        else:
-            pipe.scheduler.save_pretrained(str(out_dir / "scheduler"))
-        if self.lora:
-            save_lora(self.student.model, out_dir, self.lora_config, text=self.classes is None, base=self.lora_base(),
-                      base_pipeline=type(self.family.pipe).__name__, fingerprint=self.base_fingerprint,
-                      pipeline_cls=type(self.family.pipe), network_attr=self.family.network_attr)
-        (out_dir / "README.md").write_text(self._model_card(out_dir))
-
-    def lora_base(self) -> str:
-        """The teacher as the LoRA export records its base (see common.teacher_reference)."""
-        return teacher_reference(self.run_config.teacher)
-
-    def _model_card(self, out_dir: Path) -> str:
-        from stepdistill.pipelines.lora import lora_base
-
+    def export_spec(self) -> StudentSpec:
         c: ConsistencyConfig = self.cfg
         ts, segs = self.student_timesteps(), self.final_segments
+        sched = self.export_scheduler()
+        sampling = self._sampling_kwargs(self._sample_steps())
+        when = ", ".join(f"{k}={v}" for k, v in sampling.items())
         kind = "LCM-LoRA" if self.lora else "LCM"
         if len(c.segments) > 1 or segs > 1:
             kind += f" multiphase (segments {list(c.segments)} from steps {list(c.segment_starts)})"
-        steps = c.sample_steps if segs == 1 else segs
-        rec = {len(r): r for r in self.sample_schedules()}
-        when = ", ".join(f"{k}={v}" for k, v in self._sampling_kwargs(steps).items())
         ranged = c.guidance_min < c.guidance_max
         w = f"w in [{c.guidance_min}, {c.guidance_max}]" if ranged else f"w = {c.guidance_min}"
         if self.w_dim:
@@ -604,39 +494,21 @@ class ConsistencyMethod(Method):
         elif segs == 1:
             sampler = (f"`LCMScheduler` (original_inference_steps={c.num_ddim_timesteps}): 1 step uses t = {ts}; any "
                        "step count from LCM's grid works (multi-step LCM sampling re-noises with fresh noise).")
-            if rec:
-                recs = ", ".join(f"`timesteps={r}`" for r in rec.values())
+            if self.sample_schedules():
+                recs = ", ".join(f"`timesteps={r}`" for r in self.sample_schedules())
                 sampler += (" Recommended schedules (pass them as `timesteps=`; recorded as `sample_timesteps`, which "
-                            "`stepdistill sample/eval/bench` apply by themselves for those step counts): "
-                            f"{recs}.")
+                            f"`stepdistill sample/eval/bench` apply by themselves for those step counts): {recs}.")
         else:
             sampler = (f"`DDIMScheduler` (trailing, deterministic): sample with `num_inference_steps={segs}`, which "
                        f"gives exactly the trained segment starts {ts}.")
-        if self.classes is not None:
-            use = (f"pipe = load_pipeline(\"{out_dir.name}\")  # from stepdistill.pipelines\n"
-                   f"images = pipe(class_labels=[0, 1, 2], {when}).images")
-            if self.lora:
-                use += ("\n# or the LoRA on the teacher:\nteacher = load_pipeline(\"digits16\")\n"
-                        f"teacher.load_lora_weights(\"{out_dir.name}\")\nteacher.scheduler = "
-                        f"type(pipe.scheduler).from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")")
-        elif self.lora:
-            sched_cls = type(self.export_scheduler()).__name__
-            use = (f"pipe = {type(self.family.pipe).__name__}.from_pretrained(\"{self.run_config.teacher}\")\n"
-                   f"pipe.load_lora_weights(\"{out_dir.name}\")\n"
-                   f"pipe.scheduler = {sched_cls}.from_pretrained(\"{out_dir.name}\", subfolder=\"scheduler\")\n"
-                   f"images = pipe([\"a photo of a cat\"], {when}, "
-                   f"guidance_scale={self.family.distilled_guidance_scale}).images")
-        else:
-            use = (f"pipe = {type(self.family.pipe).__name__}.from_pretrained(\"{out_dir.name}\")\n"
-                   f"images = pipe([\"a photo of a cat\"], {when}, "
-                   f"guidance_scale={c.guidance_max if self.w_dim else self.family.distilled_guidance_scale}).images")
-        files = ("`pytorch_lora_weights.safetensors` (LoRA rank "
-                 f"{c.lora_rank}, alpha {c.lora_alpha or c.lora_rank}; base model `{self.lora_base()}`, fingerprint "
-                 f"`{lora_base(out_dir)['fingerprint']}`, also in the file's `stepdistill_base` metadata)"
-                 if self.lora else "a full pipeline")
-        return (f"# {kind} student\n\nDistilled from `{self.run_config.teacher}` by stepdistill consistency "
-                f"distillation (teacher CFG {w}, DDIM grid of {c.num_ddim_timesteps} points, {c.loss} distance):\n\n"
-                f"    stepdistill train consistency --config <config.yaml>   # teacher={self.run_config.teacher}\n\n"
-                f"Contents: {files}. Sampler: {sampler} Trained timesteps recorded as `student_timesteps` "
-                f"({ts}) in scheduler/scheduler_config.json. {guide}\n\n```python\n{use}\n```\n\n"
-                f"Settings: {json.dumps({'segments': list(c.segments), 'segment_starts': list(c.segment_starts)})}\n")
+        lora = LoraStudent(self.student.model, self.lora_config, self.base_fingerprint) if self.lora else None
+        return StudentSpec(
+            method=self.name, title=f"{kind} student",
+            trained=f"consistency distillation (teacher CFG {w}, DDIM grid of {c.num_ddim_timesteps} points, "
+                    f"{c.loss} distance)",
+            networks=[self.fused_network()], scheduler=sched, sampling=sampling,
+            guidance_scale=c.guidance_max if self.w_dim else self.family.distilled_guidance_scale,
+            details=f"Sampler: {sampler} Trained timesteps recorded as `student_timesteps` ({ts}) in "
+                    f"scheduler/scheduler_config.json. {guide}",
+            lora=lora, sample_prompts=list(c.sample_prompts),
+            card_lines=[f"Settings: segments {list(c.segments)}, segment starts {list(c.segment_starts)}."])

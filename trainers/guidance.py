@@ -18,20 +18,17 @@ Phase: ``adapter`` (every step). The export is the teacher pipeline unchanged pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stepdistill.data import to_uint8
+from stepdistill.batch import Batch
 from stepdistill.errors import ConfigError
-from stepdistill.pipelines.guidance import ADAPTER_KINDS, AdapterGuidancePipeline, GuidanceAdapters
+from stepdistill.pipelines.export import StudentSpec
+from stepdistill.pipelines.guidance import ADAPTER_KINDS, GuidanceAdapters
 from stepdistill.pipelines.lora import base_fingerprint
-from stepdistill.trajectories import cond_from_tensors, is_trajectory_folder, read_spec
 
-from .base import Method, Phase
-from .common import cast_frozen, load_teacher
+from .base import Method, Phase, Setup
 
 
 @dataclass
@@ -61,94 +58,62 @@ class AGDMethod(Method):
     Config = AGDConfig
     phase_names = ("adapter",)
 
-    def __init__(self, run_config):
-        super().__init__(run_config)
-        c: AGDConfig = self.cfg
+    def __init__(self, setup: Setup, cfg: AGDConfig):
+        super().__init__(setup, cfg)
+        c = cfg
         if c.kind not in ADAPTER_KINDS:
             raise ConfigError(f"method_args.kind must be one of {', '.join(ADAPTER_KINDS)}, got '{c.kind}'")
         if c.hidden < 1 or c.num_tokens < 1 or c.guidance_multiplier <= 0 or c.sample_steps < 1:
             raise ConfigError("method_args.hidden, num_tokens, sample_steps must be at least 1 and "
                               "guidance_multiplier positive")
-        source = run_config.data.source
-        if not is_trajectory_folder(source):
-            raise ConfigError(f"agd trains on CFG trajectories of its teacher: data.source '{source}' is not a "
-                              "trajectory folder (write one with `stepdistill trajectories --teacher ... --out DIR`)")
-        self.spec = read_spec(source)
-        self.family, self.teacher = load_teacher(run_config, self.name)
+        spec = setup.data.trajectories
+        if spec is None:
+            raise ConfigError(f"agd trains on CFG trajectories of its teacher: data.source '{setup.data.source}' is "
+                              "not a trajectory folder (write one with `stepdistill trajectories --teacher ... --out "
+                              "DIR`)")
+        self.spec, self.prompts = spec, setup.data.prompts
+        self.teacher = setup.teacher
         net = self.family.network
-        if base_fingerprint(net) != self.spec.fingerprint or type(net).__name__ != self.spec.network_class:
-            raise ConfigError(f"the trajectories in '{source}' were sampled from teacher '{self.spec.teacher}', whose "
-                              f"weights differ from this run's teacher '{run_config.teacher}': write trajectories of "
-                              "this teacher, or set teacher to theirs")
-        if not self.spec.w_min <= c.default_guidance <= self.spec.w_max:
+        if base_fingerprint(net) != spec.fingerprint or type(net).__name__ != spec.network_class:
+            raise ConfigError(f"the trajectories in '{setup.data.source}' were sampled from teacher "
+                              f"'{spec.teacher}', whose weights differ from this run's teacher "
+                              f"'{setup.teacher_name}': write trajectories of this teacher, or set teacher to theirs")
+        if not spec.w_min <= c.default_guidance <= spec.w_max:
             raise ConfigError(f"method_args.default_guidance {c.default_guidance} lies outside the trajectories' "
-                              f"guidance range [{self.spec.w_min}, {self.spec.w_max}]")
-        for name, module in self.family.frozen_modules().items():
-            setattr(self, name, module)
+                              f"guidance range [{spec.w_min}, {spec.w_max}]")
         self.adapters = GuidanceAdapters.for_network(
-            net, kind=c.kind, hidden=c.hidden, num_tokens=c.num_tokens, guidance_multiplier=c.guidance_multiplier,
-            timestep_scale=self.family.network_timestep_scale, w_min=self.spec.w_min, w_max=self.spec.w_max,
-            default_w=c.default_guidance, teacher=run_config.teacher)
-        self.adapters.attach(net)
-        cast_frozen(self.teacher, self.family, run_config.train.teacher_dtype)
+            self.family, net, kind=c.kind, hidden=c.hidden, num_tokens=c.num_tokens,
+            guidance_multiplier=c.guidance_multiplier, timestep_scale=self.family.network_timestep_scale,
+            w_min=spec.w_min, w_max=spec.w_max, default_w=c.default_guidance, teacher=setup.teacher_name)
+        self.adapters.attach(self.family, net)
 
-    # --- the loop's interface ----------------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
         return [Phase("adapter", list(self.adapters.parameters()))]
 
-    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        device = self.adapters.embed[0].weight.device
-        x_t, t = batch["x_t"].to(device), batch["t"].to(device)
-        w, target = batch["w"].to(device), batch["target"].to(device)
-        cond = cond_from_tensors(batch).to(device)
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x_t, t, w, target = (batch.tensors[k] for k in ("x_t", "t", "w", "target"))
         # 1. One pass of the adapted network at w.
         with self.adapters.guidance(w):
-            pred = self.teacher.raw(x_t, t, cond)
+            pred = self.teacher.raw(x_t, t, batch.cond)
         # 2. MSE against the recorded CFG output.
         loss = F.mse_loss(pred.float(), target.float())
         return loss, {"loss": loss.item()}
 
-    def pipeline(self) -> AdapterGuidancePipeline:
-        """The teacher pipeline with these adapters, as exported (the adapters stay attached to the teacher)."""
-        return AdapterGuidancePipeline(self.family.pipe, self.adapters, attach=False)
-
-    @torch.no_grad()
-    def sample_grid(self, num: int, seed: int) -> np.ndarray:
-        pipe = self.pipeline()
-        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
-        steps = self.cfg.sample_steps
-        # The network is the frozen teacher itself: the pipeline samples in its dtype (train.teacher_dtype).
-        if self.family.classes is not None:
-            labels = torch.arange(num) % self.family.classes.num_classes
-            images = pipe(labels, num_inference_steps=steps, generator=gens, output_type="pt").images
-            return to_uint8(images.float())
-        from stepdistill.data import PromptFile
-
-        prompts = PromptFile(self.spec.prompts).prompts if self.spec.prompts else ["a photo"]
-        size = self.run_config.data.resolution
-        images = pipe([prompts[i % len(prompts)] for i in range(num)], num_inference_steps=steps, generator=gens,
-                      output_type="np", height=size, width=size).images
-        return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
-
-    def export(self, out_dir: Path) -> None:
-        out_dir = Path(out_dir)
+    def export_spec(self) -> StudentSpec:
         c: AGDConfig = self.cfg
-        self.adapters.save(out_dir / "guidance_adapter")
-        # The base pipeline as published (the run may hold its frozen parts in another dtype).
-        from stepdistill.pipelines import load_pipeline
-
-        load_pipeline(self.run_config.teacher).save_pretrained(str(out_dir), safe_serialization=True)
         base_params = sum(p.numel() for p in self.family.network.parameters())
         n = self.adapters.num_parameters()
-        (out_dir / "README.md").write_text(
-            f"# Adapter guidance (AGD) for `{self.run_config.teacher}`\n\n"
-            f"Guidance adapters ({c.kind} type, {n:,} parameters = {100 * n / base_params:.2f}% of the "
-            f"{type(self.family.network).__name__}) trained by stepdistill on CFG-guided trajectories at "
-            f"w in [{self.spec.w_min}, {self.spec.w_max}]: `guidance_scale=w` makes ONE network call per step. The "
-            "folder is the unchanged teacher pipeline plus `guidance_adapter/`.\n\n"
-            "```python\nfrom stepdistill.pipelines import load_pipeline\n"
-            f"pipe = load_pipeline(\"{out_dir.name}\")  # an AdapterGuidancePipeline\n"
-            f"images = pipe(..., num_inference_steps=50, guidance_scale={c.default_guidance}).images\n"
-            "# or onto another pipeline of the same base architecture (a fine-tune, a distilled student):\n"
-            "from stepdistill.pipelines.guidance import load_guidance_adapter\n"
-            f"guided = load_guidance_adapter(other_pipe, \"{out_dir.name}\")\n```\n")
+        usage = ("from stepdistill.pipelines import load_pipeline\n"
+                 "pipe = load_pipeline(\"{folder}\")  # an AdapterGuidancePipeline\n"
+                 f"images = pipe(..., num_inference_steps=50, guidance_scale={c.default_guidance}).images\n"
+                 "# or onto another pipeline of the same base architecture (a fine-tune, a distilled student):\n"
+                 "from stepdistill.pipelines.guidance import load_guidance_adapter\n"
+                 "guided = load_guidance_adapter(other_pipe, \"{folder}\")")
+        return StudentSpec(
+            method=self.name, title=f"Adapter guidance (AGD) for `{self.teacher_name}`",
+            trained=f"guidance adapters ({c.kind} type, {n:,} parameters = {100 * n / base_params:.2f}% of the "
+                    f"{type(self.family.network).__name__}) trained on CFG-guided trajectories at w in "
+                    f"[{self.spec.w_min}, {self.spec.w_max}]",
+            networks=[], scheduler=self.family.pipe.scheduler, sampling={"num_inference_steps": c.sample_steps},
+            guidance_scale=c.default_guidance, adapters=self.adapters, usage=usage,
+            details="`guidance_scale=w` makes ONE network call per step.", sample_prompts=self.prompts or [])

@@ -4,18 +4,19 @@ parameterisation, class-label dropout to a null class for CFG."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMPipeline, DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-from stepdistill.conditioning import ClassConditioning, Cond
-from stepdistill.data import to_uint8
-from stepdistill.denoiser import Denoiser
+from stepdistill.batch import Batch
+from stepdistill.conditioning import Cond
 from stepdistill.errors import ConfigError
+from stepdistill.pipelines.class_conditional import ClassConditionalPipeline
+from stepdistill.pipelines.export import StudentSpec
+from stepdistill.pipelines.families import family_of
 
-from .base import Method, Phase
+from .base import Method, Phase, Setup
 
 
 @dataclass
@@ -46,17 +47,16 @@ class TeacherConfig:
 
 
 class TeacherMethod(Method):
-    """Diffusion training of a (class-conditional) UNet2DModel from scratch."""
+    """Diffusion training of a (class-conditional) UNet2DModel from scratch; its setup has no teacher."""
 
     name = "teacher"
     Config = TeacherConfig
     phase_names = ("main",)
+    needs_teacher = False
 
-    def __init__(self, run_config):
-        super().__init__(run_config)
-        from diffusers import DDIMScheduler, UNet2DModel
-
-        c: TeacherConfig = self.cfg
+    def __init__(self, setup: Setup, cfg: TeacherConfig):
+        super().__init__(setup, cfg)
+        c = cfg
         if c.prediction_type not in ("epsilon", "v_prediction", "sample", "flow_prediction"):
             raise ConfigError(f"method_args.prediction_type '{c.prediction_type}' is not one of epsilon, "
                               "v_prediction, sample, flow_prediction")
@@ -73,36 +73,38 @@ class TeacherMethod(Method):
         )
         if c.prediction_type == "flow_prediction":
             # Rectified flow x_t = (1 - s) x0 + s eps, the network predicting eps - x0 at t = s T; sampled by Euler.
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=1.0)
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps, shift=1.0)
         else:
-            self.scheduler = DDIMScheduler(
+            scheduler = DDIMScheduler(
                 num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
                 prediction_type=c.prediction_type, clip_sample=False, set_alpha_to_one=True,
                 timestep_spacing="trailing",
             )
+        pipe = (ClassConditionalPipeline(unet=unet, scheduler=scheduler) if c.num_classes > 0
+                else DDIMPipeline(unet=unet, scheduler=scheduler))
+        # The network's own family (the pipeline it is exported as) calls it and builds its batches.
+        self.family = family_of(pipe, "teacher")
         # The network is registered once, inside the denoiser (a second attribute would duplicate it in
         # checkpoints as shared tensors).
-        self.denoiser = Denoiser(unet, self.scheduler)
-        self.classes = ClassConditioning(c.num_classes) if c.num_classes > 0 else None
+        self.denoiser = self.family.denoiser(unet)
+        self.classes = self.family.classes
 
     @property
-    def unet(self):
+    def unet(self) -> UNet2DModel:
         return self.denoiser.model
 
     def phases(self) -> list[Phase]:
-        return [Phase("main", [p for p in self.unet.parameters() if p.requires_grad], every=1)]
+        return [Phase("main", [p for p in self.unet.parameters() if p.requires_grad], cond=False, real=True)]
 
-    def ema_network(self):
+    def ema_network(self) -> UNet2DModel:
         return self.unet
 
-    def loss(self, phase: str, batch: dict, step: int):
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         # 1. Clean images and (dropped-out) labels.
-        x0 = batch["image"]
+        x0 = batch.real
         cond = Cond()
         if self.classes is not None:
-            cond = self.classes.cond(self.classes.drop(batch["label"], self.cfg.cond_drop_prob))
+            cond = self.classes.cond(self.classes.drop(batch.labels, self.cfg.cond_drop_prob))
         # 2. Uniform timesteps (integers in [0, T); flow: continuous in (0, T]) and Gaussian noise; forward process.
         T = self.denoiser.num_train_timesteps
         if self.denoiser.is_flow:
@@ -116,30 +118,9 @@ class TeacherMethod(Method):
         loss = F.mse_loss(pred.float(), self.denoiser.training_target(x0, eps, t).float())
         return loss, {"loss": loss.detach().item()}
 
-    def pipeline(self):
-        from stepdistill.pipelines import ClassConditionalPipeline
-
-        if self.classes is None:
-            from diffusers import DDIMPipeline
-
-            return DDIMPipeline(unet=self.unet, scheduler=self.scheduler)
-        return ClassConditionalPipeline(unet=self.unet, scheduler=self.scheduler)
-
-    @torch.no_grad()
-    def sample_grid(self, num: int, seed: int) -> np.ndarray:
-        pipe = self.pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(num)]
-        if self.classes is None:
-            out = pipe(batch_size=num, generator=gens, num_inference_steps=self.cfg.sample_steps, output_type="np")
-            return (out.images * 255).round().astype(np.uint8)
-        labels = torch.arange(num) % self.cfg.num_classes
-        was_training = self.unet.training
-        self.unet.eval()
-        imgs = pipe(labels, num_inference_steps=self.cfg.sample_steps, guidance_scale=self.cfg.sample_guidance,
-                    generator=gens, output_type="pt").images
-        self.unet.train(was_training)
-        return to_uint8(imgs)
-
-    def export(self, out_dir: Path) -> None:
-        self.pipeline().save_pretrained(str(out_dir), safe_serialization=True)
+    def export_spec(self) -> StudentSpec:
+        c: TeacherConfig = self.cfg
+        return StudentSpec(method=self.name, title="Teacher", trained=f"diffusion training ({c.prediction_type}, "
+                           f"{c.num_classes} classes, label dropout {c.cond_drop_prob})", networks=[self.unet],
+                           scheduler=self.family.pipe.scheduler, sampling={"num_inference_steps": c.sample_steps},
+                           guidance_scale=c.sample_guidance if self.classes is not None else 1.0, from_teacher=False)

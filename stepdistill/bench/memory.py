@@ -22,6 +22,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from stepdistill.files import prepare_out_dir
+from stepdistill.loop import build_method
+from stepdistill.trainers import load_config
+
 NO_GAN = ["method_args.gan_weight_student=0", "method_args.gan_weight_critic=0"]
 CONFIGS = [("dmd2", "digits16_dmd2", NO_GAN),
            ("lcm", "digits16_lcm", ["method_args.sample_timesteps=[]", "method_args.w_embedding_dim=0"])]
@@ -40,11 +51,6 @@ SCORE_CONFIGS = [
 def build_small_sd(out: Path) -> str:
     """A small SD-type pipeline (64x64 images, 8x8x4 latents): a UNet with 320/640 channels and cross attention, a
     4-layer CLIP text encoder over a word-level vocabulary of 18 tokens, a 4-level VAE; random weights, seeded."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
-
     torch.manual_seed(0)
     words = ["<|startoftext|>", "<|endoftext|>", "a", "red", "blue", "cat", "dog", "picture", *"0123456789"]
     vocab = {w: i for i, w in enumerate(words)}
@@ -73,31 +79,26 @@ def build_small_sd(out: Path) -> str:
 def one_step(method: str, recipe: str, overrides: list[str], teacher: str, dtype: str, data: str) -> dict:
     """Build the method and run one update of every phase; return the memory it took, the trainable parameters
     and the AdamW state (MiB)."""
-    import torch
-
-    from stepdistill.config import load_config
-    from stepdistill.trainers import get_method
-
     name = {"lcm": "consistency"}.get(method, method)
     digits = teacher == "digits16"
     size = 16 if digits else 64
     cfg = load_config(recipe, [f"teacher={teacher}", f"train.teacher_dtype={dtype}", f"data.resolution={size}",
                                "data.batch_size=4", f"data.source={data}", *overrides], method=name)
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
     base = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    m = get_method(name)(cfg)
-    if cuda:
-        m = m.cuda()
+    m = build_method(cfg).to(device)
+    for module in m.family.frozen_modules().values():
+        module.to(device)
     if digits:
-        batch = {"image": torch.rand(4, 1, 16, 16, device=device) * 2 - 1, "label": torch.tensor([0, 3, 5, 9])}
+        raw = {"image": torch.rand(4, 1, 16, 16, device=device) * 2 - 1, "label": torch.tensor([0, 3, 5, 9])}
     else:
-        batch = {"image": torch.rand(4, 3, 64, 64, device=device) * 2 - 1,
-                 "prompt": ["a red 1", "a blue 2", "a cat", "a dog"]}
+        raw = {"image": torch.rand(4, 3, 64, 64, device=device) * 2 - 1,
+               "prompt": ["a red 1", "a blue 2", "a cat", "a dog"]}
     trainable, state = 0, 0
     for phase in m.phases():
         opt = torch.optim.AdamW(phase.params, lr=1e-6)
-        loss, _ = m.loss(phase.name, batch, 0)
+        loss, _ = m.loss(phase.name, m.family.batch(raw, phase.cond, phase.real, device), 0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -105,12 +106,12 @@ def one_step(method: str, recipe: str, overrides: list[str], teacher: str, dtype
         state += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                      if torch.is_tensor(t) and t.ndim > 0)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"method": method, "teacher_dtype": dtype, "peak_mib": (peak - base) / 2**20, "device": device,
+    return {"method": method, "teacher_dtype": dtype, "peak_mib": (peak - base) / 2**20, "device": device.type,
             "trainable_mib": trainable / 2**20, "optimizer_mib": state / 2**20}
 
 
 def _run(args: list) -> dict:
-    res = subprocess.run([sys.executable, "-m", "stepdistill.eval.bench_memory", json.dumps(args)],
+    res = subprocess.run([sys.executable, "-m", "stepdistill.bench.memory", json.dumps(args)],
                          capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         raise RuntimeError(f"memory bench {args[0]} failed:\n{res.stderr[-3000:]}")
@@ -118,9 +119,6 @@ def _run(args: list) -> dict:
 
 
 def _data_folder(root: Path) -> str:
-    import numpy as np
-    from PIL import Image
-
     folder = root / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -132,8 +130,6 @@ def _data_folder(root: Path) -> str:
 
 def run_memory_bench(out: str | Path, overwrite: bool = False) -> list[dict]:
     """Every (method, teacher_dtype) in a fresh process; writes OUT/memory.md and memory.json, prints the table."""
-    from stepdistill.utils import prepare_out_dir
-
     out = prepare_out_dir(out, overwrite)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,22 +24,33 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from diffusers import ModelMixin
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from stepdistill.errors import UserError
 
 OPTIMIZER_FILE = "sharded_optimizer_{}.safetensors"
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(t, DTensor)
 
 
 def shard_units(method: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs to shard, outermost first: diffusers networks with trainable parameters, then
     the method's other children holding trainable parameters outside them."""
-    from diffusers import ModelMixin
-
     units: list[tuple[str, nn.Module]] = []
     covered: set[int] = set()  # parameters inside a unit
     inside: set[int] = set()  # modules inside a unit (a diffusers network nested in another is not a unit)
@@ -73,9 +84,6 @@ def _blocks(unit: nn.Module) -> list[nn.Module]:
 def shard(method: nn.Module, device: torch.device, world: int) -> list[nn.Module]:
     """Apply FSDP2 to ``method``'s trainable networks in place (on every process, after the process group is up)
     and return the top-level units. The method's parameters are replaced: ask it for its phases afterwards."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     if world == 1 and not torch.distributed.is_initialized():
         # One process (a debugging run of a sharded recipe): a one-rank group, so the run keeps the sharded
         # checkpoint format and resumes on more processes.
@@ -105,16 +113,12 @@ def no_gradient_sync(units: list[nn.Module]) -> Iterator[None]:
 
 
 def _full_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, **kw)
 
 
 def gather_units(method: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the sharded units in full, under the method's names; collective (every
     process calls it), the tensors land on the main process's CPU (the other processes get an empty dict)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     full: dict[str, torch.Tensor] = {}
     for name, unit in shard_units_of(method):
         part = get_model_state_dict(unit, options=_full_options(cpu_offload=True))
@@ -124,8 +128,6 @@ def gather_units(method: nn.Module) -> dict[str, torch.Tensor]:
 
 def shard_units_of(method: nn.Module) -> list[tuple[str, nn.Module]]:
     """The units ``shard`` sharded, found again by their FSDP2 type (outermost only)."""
-    from torch.distributed.fsdp import FSDPModule
-
     units, inside = [], set()
     for name, m in method.named_modules():
         if isinstance(m, FSDPModule) and id(m) not in inside:
@@ -136,23 +138,17 @@ def shard_units_of(method: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def load_full_state(method: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load full tensors (the same dict on every process) into the sharded method; names it lacks are left."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
     set_model_state_dict(method, state, options=_full_options(strict=False))
 
 
 def gather_optimizers(method: nn.Module, optimizers: list) -> list[dict]:
     """Each optimizer's state in full (collective); returns what the main process writes with
     :func:`write_optimizers` (empty dicts elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return [get_optimizer_state_dict(method, o, options=_full_options(cpu_offload=True)) for o in optimizers]
 
 
 def write_optimizers(states: list[dict], folder: Path) -> None:
     """Write full optimizer states as safetensors: tensors as ``state.<param>.<key>``, the rest as JSON metadata."""
-    from safetensors.torch import save_file
-
     for i, osd in enumerate(states):
         tensors, scalars = {}, {}
         for pname, st in osd["state"].items():
@@ -167,11 +163,6 @@ def write_optimizers(states: list[dict], folder: Path) -> None:
 
 def load_optimizers(method: nn.Module, optimizers: list, folder: Path) -> None:
     """Load what :func:`write_optimizers` wrote into the sharded optimizers (every process reads the files)."""
-    from safetensors import safe_open
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    from stepdistill.errors import UserError
-
     for i, opt in enumerate(optimizers):
         path = folder / OPTIMIZER_FILE.format(i)
         if not path.is_file():
@@ -202,8 +193,6 @@ def full_weights(method: nn.Module, full: dict[str, torch.Tensor]) -> Iterator[N
     and give the sharded modules back their own class (``fully_shard`` swaps in a generated ``FSDP<Class>``, whose
     name ``save_pretrained`` would write into the export) for the block; then restore both. Nothing may run the
     sharded networks' forward inside the block."""
-    from torch.distributed.fsdp import FSDPModule
-
     swapped = []
     for name, p in list(method.named_parameters()):
         if _is_dtensor(p):
@@ -232,7 +221,5 @@ def full_ema(shadow: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def shard_like(full: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Full EMA tensors cut into this process's shards of the parameters they follow."""
-    from torch.distributed.tensor import distribute_tensor
-
     return [distribute_tensor(f.to(p.device, p.dtype), p.device_mesh, p.placements) if _is_dtensor(p) else f
             for f, p in zip(full, params)]

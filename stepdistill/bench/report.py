@@ -6,14 +6,26 @@ against all 1797 real digits16 images, so the rows can be compared with each oth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from PIL import Image, ImageDraw
 
 from stepdistill.errors import UserError
-from stepdistill.utils import make_grid, prepare_out_dir, save_grid
+from stepdistill.eval.generation import generate
+from stepdistill.eval.harness import digits16_uint8, evaluate
+from stepdistill.files import prepare_out_dir
+from stepdistill.images import make_grid, save_grid
+from stepdistill.loop import train
+from stepdistill.pipelines import AdapterGuidancePipeline, load_pipeline
+from stepdistill.trainers import load_config
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 # The teacher's CFG scale for every teacher row; 50 steps with CFG is its quality reference.
 TEACHER_GUIDANCE = 2.0
@@ -38,15 +50,12 @@ def measure(pipe, name: str, steps: int, guidance: float, num_samples: int, out_
     """Sample one configuration (a student at its recorded schedule for ``steps``, if any; with ``teacher_steps``
     the teacher's first steps at CFG ``TEACHER_GUIDANCE``, then the student), evaluate it, save its grid; returns
     (row, images)."""
-    from stepdistill.eval.generation import generate
-    from stepdistill.eval.harness import evaluate
-
     res = generate(pipe, num_samples, steps, guidance, seed, batch_size, teacher=teacher, teacher_steps=teacher_steps,
                    teacher_guidance=TEACHER_GUIDANCE)
     save_grid(res["images"][:100], out_dir / f"grid_{name.replace(' ', '_')}.png", nrow=10)
     values = evaluate(res["images"], res["labels"], None, ref="digits16", metrics=metrics, device=device)
     # CFG costs two network calls per step, except through guidance adapters (an AdapterGuidancePipeline: one).
-    two = guidance != 1.0 and getattr(pipe, "__dict__", {}).get("adapters") is None
+    two = guidance != 1.0 and not isinstance(pipe, AdapterGuidancePipeline)
     nfe = steps * (2 if two else 1) + 2 * teacher_steps
     row = {"name": name, "steps": steps, "guidance": guidance, "nfe": nfe,
            "samples_per_s": num_samples / res["seconds"], "timesteps": res["timesteps"], **values}
@@ -82,8 +91,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 def side_by_side(named_images: list[tuple[str, np.ndarray]], path: Path, per_model: int = 30) -> None:
     """One PNG with a block of samples per model, left to right (first ``per_model`` samples = 3 per class)."""
-    from PIL import Image, ImageDraw
-
     blocks = [make_grid(imgs[:per_model], nrow=10, upscale=3) for _, imgs in named_images]
     h = max(b.shape[0] for b in blocks) + 14
     w = sum(b.shape[1] for b in blocks) + 8 * (len(blocks) - 1)
@@ -99,11 +106,6 @@ def side_by_side(named_images: list[tuple[str, np.ndarray]], path: Path, per_mod
 
 def plot_losses(logs_jsonl: Path, path: Path) -> None:
     """Plot every ``*loss*`` series of a run's logs.jsonl against the step, one panel per series."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in logs_jsonl.read_text().splitlines() if line.strip()]
     keys = sorted({k for r in rows for k in r if "loss" in k or "grad_norm" in k})
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 2.8), squeeze=False)
@@ -142,8 +144,6 @@ def run_teacher_baseline(out: str | Path, num_samples: int = 500, overwrite: boo
                          pipeline: str = "digits16", seed: int = 0, metrics: list[str] = METRICS) -> list[dict]:
     """The teacher at 50 steps with CFG, at 8/4/2/1 steps with CFG and at 50 steps without CFG, evaluated at equal
     N; writes report + metrics."""
-    from stepdistill.pipelines import load_pipeline
-
     _check_num_samples(num_samples)
     out_dir = prepare_out_dir(out, overwrite)
     pipe = load_pipeline(pipeline, device=device)
@@ -188,8 +188,6 @@ def run_real_floor(out: str | Path, num_samples: int = 500, overwrite: bool = Fa
                    metrics: list[str] = METRICS) -> dict:
     """The metrics' small-N floor: ``num_samples`` real digits16 images (a seeded random subset) scored against all
     1797 exactly like generated samples. A model cannot be expected to score below this at the same N."""
-    from stepdistill.eval.harness import digits16_uint8, evaluate
-
     _check_num_samples(num_samples)
     images, labels = digits16_uint8()
     if num_samples > len(images):
@@ -222,10 +220,6 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
     Writes ``out/<label>/`` (each training run), ``out/report.md``, ``out/metrics.json``, per-row grids, a
     side-by-side grid and ``out/losses_<label>.png``.
     """
-    from stepdistill.config import load_config
-    from stepdistill.pipelines import load_pipeline
-    from stepdistill.trainers.loop import train
-
     _check_num_samples(num_samples)
     cfgs = [(label, path, load_config(path, overrides, method=method)) for label, path in configs]  # errors first
     cfgs += [(label, path, load_config(path, overrides)) for label, path in comparisons or []]
@@ -310,12 +304,6 @@ def run_training_curve(method: str, config: str, out: str | Path, milestones: li
                        device=None, seed: int = 0, metrics: list[str] = METRICS) -> list[dict]:
     """Quality against training time: train one run to each milestone in turn (resuming, which the loop makes
     exactly equal to one uninterrupted run), evaluate the student after each, plot FID against training minutes."""
-    import dataclasses
-
-    from stepdistill.config import load_config
-    from stepdistill.pipelines import load_pipeline
-    from stepdistill.trainers.loop import train
-
     _check_num_samples(num_samples)
     if not milestones or any(b <= a for a, b in zip(milestones, milestones[1:])) or milestones[0] < 1:
         raise UserError(f"--curve needs increasing positive step counts, got {milestones}")
@@ -335,11 +323,6 @@ def run_training_curve(method: str, config: str, out: str | Path, milestones: li
         rows.append(row)
         print(f"step {m}: " + ", ".join(f"{key} {_cell(row, key)}" for key in metrics), flush=True)
     plot_losses(run / "logs.jsonl", out_dir / "losses.png")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(4.5, 3))
     key = "fid" if "fid" in metrics else metrics[0]
     ax.plot([r["train_minutes"] for r in rows], [r[key] for r in rows], "o-")

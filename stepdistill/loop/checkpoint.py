@@ -1,8 +1,8 @@
 """Atomic, resumable checkpoints of the training loop.
 
 A checkpoint is a folder ``checkpoints/step-N`` (N = completed loop steps) holding what
-``accelerator.save_state`` writes (the trained weights as safetensors, optimizers, LR schedulers, grad scaler, RNG
-states), the loop's own extra files (the EMA as ``ema.safetensors``), a ``loop_state.json`` and, written last, a
+``accelerator.save_state`` writes (optimizers, LR schedulers, grad scaler, RNG states), the loop's own files (the
+trained weights as ``model.safetensors``, the EMA as ``ema.safetensors``), a ``loop_state.json`` and, written last, a
 ``COMPLETE`` marker. Nothing in it is a pickle that resume would load unchecked: accelerate reads its ``.bin`` /
 ``.pkl`` files with ``torch.load(weights_only=True)``, and objects registered for checkpointing (which accelerate
 reloads with ``weights_only=False``) are never used. It is written as
@@ -19,12 +19,13 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from stepdistill.errors import UserError, first_line
 
@@ -32,9 +33,6 @@ COMPLETE_MARKER = "COMPLETE"
 LOOP_STATE = "loop_state.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-# Test-only hook: "SECONDS" or "SECONDS@STEP" makes the main process sleep inside the checkpoint write (after the
-# state files, before the COMPLETE marker and the rename), so tests can kill a run mid-save deterministically.
-TEST_SLEEP_ENV = "STEPDISTILL_TEST_SLEEP_IN_SAVE"
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -123,15 +121,6 @@ def read_loop_state(path: Path) -> dict[str, Any]:
     return json.loads((path / LOOP_STATE).read_text())
 
 
-def _test_sleep(step: int) -> None:
-    spec = os.environ.get(TEST_SLEEP_ENV, "").strip()
-    if not spec:
-        return
-    seconds, _, at = spec.partition("@")
-    if not at or int(at) == step:
-        time.sleep(float(seconds))
-
-
 def _delete(path: Path) -> None:
     # Rename first so that a crash halfway through rmtree leaves a ".tmp-*" folder (cleaned at resume) rather than a
     # half-deleted folder that still carries its COMPLETE marker.
@@ -172,7 +161,6 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dic
             write_extra(tmp)
         (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
         fsync_tree(tmp)
-        _test_sleep(step)
         with open(tmp / COMPLETE_MARKER, "w") as f:
             f.write(f"{step}\n")
             f.flush()
@@ -193,40 +181,29 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, step: int, loop_state: dic
 
 # --- what a checkpoint holds: the trained state only, the EMA as safetensors ------------------------------------
 EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"
 
 
-def _unwrapped_name(key: str) -> str:
-    """A parameter name as the unwrapped method has it (DDP prefixes ``module.``)."""
-    return key[len("module."):] if key.startswith("module.") else key
-
-
-def keep_trained(weights: list[dict], frozen: set[str]) -> None:
-    """accelerate save hook: the state dicts to save, renamed to unwrapped names and without frozen parameters."""
-    for w in weights:
-        kept = {_unwrapped_name(k): v for k, v in w.items() if _unwrapped_name(k) not in frozen}
-        w.clear()
-        w.update(kept)
+def trained_state(method: torch.nn.Module, frozen: set[str]) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``method``: its state dict without the frozen parameters (the teacher, LoRA base
+    weights), which the method's constructor rebuilds: a checkpoint holds what training changes, not a copy of a
+    multi-GB teacher."""
+    return {k: v.detach().cpu() for k, v in method.state_dict().items() if k not in frozen}
 
 
 def save_trained(trained: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write trained tensors (gathered in full by a sharded run) as accelerate writes an unsharded run's."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in trained.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    """Write trained tensors as ``model.safetensors``, under the method's own names."""
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(folder / MODEL_FILE), metadata={"format": "pt"})
 
 
-def load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set[str],
+def load_trained(method: torch.nn.Module, folder: Path, frozen: set[str],
                  load: Callable[[dict], None] | None = None) -> None:
-    """accelerate load hook: load ``model.safetensors`` into the unwrapped method by its own names (through
-    ``load`` for a sharded method), check that every trained tensor is there, and take the model off accelerate's
-    list (it would load by the wrapped names)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "model.safetensors"
+    """Load ``model.safetensors`` into the method by its own names (through ``load`` for a sharded method), after
+    checking that every trained tensor is there and nothing else."""
+    path = Path(folder) / MODEL_FILE
     if not path.is_file():
         raise UserError(f"'{path}' is missing")
-    state = {_unwrapped_name(k): v for k, v in load_file(str(path)).items()}
+    state = load_file(str(path))
     expected = method.state_dict()
     missing = [k for k in expected if k not in state and k not in frozen]
     unexpected = [k for k in state if k not in expected]
@@ -234,14 +211,11 @@ def load_trained(method: torch.nn.Module, models: list, folder: str, frozen: set
         raise UserError(f"its weights do not fit this method (missing {', '.join(missing[:3]) or 'none'}; "
                         f"unexpected {', '.join(unexpected[:3]) or 'none'})")
     (load or (lambda sd: method.load_state_dict(sd, strict=False)))(state)
-    models.clear()
 
 
 def save_ema(ema: Any, folder: Path, shadow: list[torch.Tensor] | None = None) -> None:
     """The EMA's shadow weights (or ``shadow``, those gathered in full by a sharded run) as safetensors, its
     counters as JSON metadata of the same file."""
-    from safetensors.torch import save_file
-
     state = ema.state_dict()
     shadow = state.pop("shadow_params") if shadow is None else shadow
     state.pop("shadow_params", None)
@@ -250,8 +224,6 @@ def save_ema(ema: Any, folder: Path, shadow: list[torch.Tensor] | None = None) -
 
 
 def load_ema(ema: Any, folder: Path) -> None:
-    from safetensors import safe_open
-
     path = folder / EMA_FILE
     if not path.is_file():
         raise UserError(f"it holds no {EMA_FILE} although the run keeps an EMA")
@@ -265,7 +237,8 @@ def load_newest_checkpoint(accelerator: Any, ckpt_dir: Path, ema: Any, main: boo
                            load_extra: Callable[[Path], None] | None = None) -> tuple[Path | None, dict]:
     """Load the newest complete checkpoint that loads; one that does not (truncated, tampered with, written by an
     older version) is reported in a warning line and the previous one is tried. ``load_extra(folder)`` loads what
-    the loop wrote itself (sharded optimizer states), on every process. Returns (folder, loop state)."""
+    the loop wrote itself (the trained weights, sharded optimizer states), on every process. Returns (folder, loop
+    state)."""
     found = list_checkpoints(ckpt_dir)
     first_problem = None
     for _, path in reversed(found):

@@ -13,19 +13,18 @@ import time
 from pathlib import Path
 
 from stepdistill.errors import UserError
-from stepdistill.utils import prepare_out_dir
+from stepdistill.files import prepare_out_dir
+from stepdistill.loop import train
+from stepdistill.pipelines import family_of, load_pipeline
+from stepdistill.pipelines.trajectories import write_trajectories
+from stepdistill.trainers import load_config
 
-from .bench import _check_num_samples, _write, measure, plot_losses
+from .report import _check_num_samples, _write, measure, plot_losses, plt
 
 SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def _plot_sweep(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for kind in ("CFG", "AGD"):
         pts = sorted((r["guidance"], r) for r in rows if r.get("sweep") == kind)
@@ -44,11 +43,6 @@ def run_agd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
                   trajectory_steps: int = 50, sweep: tuple[float, ...] = SWEEP,
                   steps: tuple[int, ...] = (50, 10)) -> list[dict]:
     """Run the benchmark (module docstring)."""
-    from stepdistill.config import load_config
-    from stepdistill.pipelines import load_pipeline
-    from stepdistill.trainers.loop import train
-    from stepdistill.trajectories import write_trajectories
-
     _check_num_samples(num_samples)
     overrides = list(overrides or [])
     if any(o.split("=")[0] == "data.source" for o in overrides):
@@ -68,7 +62,7 @@ def run_agd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
     plot_losses(run / "logs.jsonl", out_dir / "losses_agd.png")
     teacher = load_pipeline(cfg.teacher, device=device)
     agd = load_pipeline(str(run / "pipeline"), device=device)
-    base_params = sum(p.numel() for p in teacher.unet.parameters())
+    base_params = sum(p.numel() for p in family_of(teacher).network.parameters())
     adapter_params = agd.adapters.num_parameters()
 
     rows, pairs = [], []

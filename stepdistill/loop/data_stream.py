@@ -3,28 +3,14 @@ across processes and restarts exactly at any batch, and batches moved to the dev
 
 from __future__ import annotations
 
-import random
 import sys
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of ``keys`` (non-negative ints), well mixed by numpy's SeedSequence."""
-    lo, hi = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int((int(hi) << 32 | int(lo)) & ((1 << 63) - 1))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), numpy and python's global RNGs."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (1 << 32))
-    random.seed(seed)
-
+from stepdistill.seeding import derive_seed
 
 # Domain tags so that step seeds, epoch permutations and item seeds never collide.
 STEP_STREAM, _EPOCH_STREAM, _ITEM_STREAM = 0, 1, 2

@@ -12,6 +12,7 @@ against the same 2 students trained in turn on 1 process, at equal updates per s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,9 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from stepdistill.errors import UserError
-from stepdistill.utils import prepare_out_dir
+from stepdistill.eval.harness import per_student
+from stepdistill.files import prepare_out_dir
+from stepdistill.loop import train
+from stepdistill.pipelines import family_of, load_pipeline
+from stepdistill.trainers import load_config
 
-from .bench import METRICS, _check_num_samples, _teacher_rows, _write, measure, plot_losses
+from .report import METRICS, _check_num_samples, _teacher_rows, _write, measure, plot_losses
 
 PER_STUDENT_METRICS = ["fid", "kid", "precision", "recall", "accuracy", "recall_digits"]
 
@@ -30,9 +35,6 @@ PER_STUDENT_METRICS = ["fid", "kid", "precision", "recall", "accuracy", "recall_
 def _train(cfg, run: Path, stages: list[dict] | None = None) -> float:
     """Train ``cfg`` into ``run`` (then each of ``stages``: dotted overrides of a continuation with
     --allow-changes); returns the wall seconds."""
-    from stepdistill.config import load_config
-    from stepdistill.trainers.loop import train
-
     t = time.perf_counter()
     train(cfg, run)
     for stage in stages or []:  # the run's resolved config.yaml with the stage's new values
@@ -42,8 +44,6 @@ def _train(cfg, run: Path, stages: list[dict] | None = None) -> float:
 
 def _split(row: dict, images: np.ndarray, router, device) -> list[dict]:
     """Per-student rows of one measured row: its samples split by ``router``'s classes."""
-    from stepdistill.eval.harness import per_student
-
     labels = np.arange(len(images)) % len(router.class_to_student)
     owners = router.route_labels(labels)
     classes_of = [router.classes_of(k) for k in range(router.num_students)]
@@ -59,8 +59,6 @@ def parallel_ratio(out_dir: Path, steps: int, overrides: list[str]) -> dict:
     Every process computes on one thread, i.e. one core stands for one device: a single process would otherwise
     spread its tensor ops over all the cores that the two processes have to share, and the ratio would measure
     torch's intra-op threading instead of students trained side by side (on GPUs each process has its own)."""
-    import os
-
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     common = ["--config", "digits16_msd", "--overwrite", "method_args.num_students=2", "train.sample_every=0",
               "train.checkpoint_every=0", "train.tracker=none", *overrides]
@@ -85,9 +83,6 @@ def run_msd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
                   overwrite: bool = False, device=None, seed: int = 0, parallel_steps: int = 200,
                   small_sm_steps: int = 400, base_steps: int | None = None) -> list[dict]:
     """Run the benchmark (module docstring); ``base_steps`` replaces S, the DMD2 recipe's steps (for quick checks)."""
-    from stepdistill.config import load_config
-    from stepdistill.pipelines import load_pipeline
-
     _check_num_samples(num_samples)
     overrides = list(overrides or [])
     if any(o.split("=")[0] in ("train.max_steps", "method_args.stage") for o in overrides):
@@ -120,8 +115,7 @@ def run_msd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
     for label, pipe in students:
         row, images = measure(pipe, label, 1, 1.0, num_samples, out_dir, seed, device=device)
         row["train_minutes"] = train_seconds[label] / 60
-        row["parameters_per_student"] = sum(p.numel() for p in (pipe.students[0] if hasattr(pipe, "students")
-                                                                else pipe).unet.parameters())
+        row["parameters_per_student"] = sum(p.numel() for p in family_of(pipe).network.parameters())
         rows.append(row)
         by_label[label] = row
         rows.extend(_split(row, images, router, device))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import yaml
 
 from stepdistill.config import OptimConfig, RunConfig, to_dict
 from stepdistill.errors import UserError
+from stepdistill.trainers import get_method
 
 from . import checkpoint as ckpt
-from . import get_method
 
 # Config keys that may change between a run and its resumption: they change no value training computes.
 # sample_timesteps only changes what the export records (older run folders do not have the key at all); the
@@ -135,15 +136,15 @@ def plan_out_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool,
         raise UserError(f"output folder '{out}' holds a run with a different config ({shown(diff)}); pass "
                         "--allow-changes to continue it with the new values from its last checkpoint, --overwrite "
                         "to replace it, or choose another output folder")
-    get_method(cfg.method).check_stage_change(saved, cfg)
+    saved_args = {k[len("method_args."):]: v for k, v in saved.items() if k.startswith("method_args.")}
+    get_method(cfg.method).check_stage_change(saved_args, cfg.method_args,
+                                              {name: oc.lr_schedule for name, oc in cfg.optim.items()})
     return "resume", diff
 
 
 def _check_writable(out: Path) -> None:
     """A UserError unless ``out`` (or the folder it would be created in) accepts new files; probed by creating and
     removing an empty folder, since permission bits do not tell (root, read-only mounts)."""
-    import tempfile
-
     base = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
     if not base.is_dir():
         raise UserError(f"cannot create output folder '{out}': '{base}' is a file")

@@ -22,7 +22,7 @@ from .files import check_out_dir, prepare_out_dir
 from .images import save_grid
 from .loop import train
 from .loop.run_folder import plan_out_dir
-from .pipelines import family_of, load_pipeline
+from .pipelines import MultiStudentPipeline, family_of, load_pipeline
 from .pipelines.average import average_pipelines
 from .pipelines.diversity import load_teacher_for
 from .pipelines.trajectories import write_trajectories
@@ -230,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(samples["images"], samples["labels"], samples["prompts"], ref=args.ref, metrics=metrics,
                       device=device, clip_model=args.clip_model)
     row.update(result)
-    if raw is not None and hasattr(pipe, "router"):  # a MultiStudentPipeline: each student's samples on their own
+    if raw is not None and isinstance(pipe, MultiStudentPipeline):  # each student's samples on their own
         router = pipe.router
         owners = pipe.route(samples["labels"] if router.kind == "classes" else samples["prompts"])
         classes_of = ([router.classes_of(k) for k in range(router.num_students)] if router.kind == "classes"

@@ -72,7 +72,9 @@ class SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator only (what the augmentations draw from): torch.manual_seed would also queue a seed
+            # for every GPU, and capture a stack trace doing so where CUDA is not initialised, for every item.
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

@@ -16,7 +16,7 @@ from stepdistill.data import PromptFile
 from stepdistill.errors import UserError, first_line
 from stepdistill.images import float_to_uint8
 from stepdistill.pipelines import accepts_timesteps, family_of, recorded_schedule
-from stepdistill.pipelines.diversity import hybrid_sample, hybrid_schedule, student_timesteps_of
+from stepdistill.pipelines.diversity import hybrid_sample, hybrid_timesteps
 
 
 def swap_scheduler(pipe, name: str | None):
@@ -88,9 +88,7 @@ def generate(pipe, num_samples: int, steps: int, guidance: float = 1.0, seed: in
         raise UserError("--steps must be at least 1")
     sigmas = None
     if teacher_steps:
-        flow = "FlowMatch" in type(pipe.scheduler).__name__
-        timesteps = hybrid_schedule(int(pipe.scheduler.config.get("num_train_timesteps", 1000)), teacher_steps,
-                                    student_timesteps_of(pipe), flow)
+        timesteps = hybrid_timesteps(pipe, teacher_steps)
     elif timesteps is None:  # a student's recorded schedule for this step count, if it has one
         recorded = recorded_schedule(pipe, steps)
         timesteps, sigmas = recorded.get("timesteps"), recorded.get("sigmas")

@@ -167,6 +167,16 @@ def check_request(ref: str, metrics: list[str] | str, clip_model: str | None) ->
     return metrics
 
 
+def check_ref_size(ref: str, size: int) -> None:
+    """A UserError when ``ref`` is a statistics file made at another image size than the samples' (``size`` px)."""
+    if _ref_kind(ref) != "stats":
+        return
+    made_at = load_stats_meta(Path(ref).expanduser()).get("resolution")
+    if made_at is not None and made_at != size:
+        raise UserError(f"--ref '{ref}' holds statistics of {made_at} px images, the samples are {size} px: make "
+                        f"statistics at the samples' size (`stepdistill stats FOLDER --resolution {size}`)")
+
+
 def _resolve_ref(ref: str, samples: np.ndarray) -> tuple[str, np.ndarray | None, Path | None]:
     """Classify ``ref`` as ("digits16", images, None), ("folder", images, None) or ("stats", None, path)."""
     kind = _ref_kind(ref)
@@ -225,8 +235,9 @@ def evaluate(images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[
         if bad:
             raise UserError(f"{', '.join(bad)} need reference images, but --ref '{ref}' is a statistics file; "
                             "pass 'digits16' or an image folder")
+        check_ref_size(ref, images.shape[1])
     ref_mask = None
-    if ref_classes is not None:
+    if ref_classes is not None and needs_ref:
         if kind != "digits16":
             raise UserError("a per-class reference needs --ref digits16")
         ref_mask = np.isin(digits16_uint8()[1], np.asarray(ref_classes))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,8 +12,10 @@ from stepdistill.errors import UserError, first_line
 from stepdistill.files import check_out_dir, prepare_out_dir
 
 from .families import FAMILIES
-from .folders import resolve_pipeline_path
+from .folders import read_model_index, resolve_pipeline_path
+from .guidance import AdapterGuidancePipeline
 from .lora import LORA_FILE
+from .multi_student import MultiStudentPipeline
 
 
 def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = False) -> Path:
@@ -40,7 +41,10 @@ def average_pipelines(sources: list[str], out: str | Path, overwrite: bool = Fal
     check_out_dir(out, overwrite)  # before the (possibly long) loading
     total, net_name, ref, net, state = None, None, None, None, {}
     for src, path in zip(sources, paths):
-        index = json.loads((path / "model_index.json").read_text())
+        if MultiStudentPipeline.is_multi_student(path) or AdapterGuidancePipeline.is_guided(path):
+            raise UserError(f"pipeline '{src}' is a multi-student or guidance-adapter export; average averages one "
+                            "denoising network (a student's snapshots), not routers or adapters")
+        index = read_model_index(path / "model_index.json")
         # The denoiser is the component a family names as its network (read from model_index.json: the text
         # encoders and VAE are never loaded).
         name = next((a for a in dict.fromkeys(f.network_attr for f in FAMILIES) if a in index), None)

@@ -28,6 +28,9 @@ def teacher_of(student: Any) -> str:
     """Where an exported student's teacher is (recorded at export as ``distilled_from`` in its scheduler config);
     a UserError if the export does not say."""
     ref = getattr(student.scheduler, "config", {}).get("distilled_from")
+    if ref is not None and not isinstance(ref, str):
+        raise UserError(f"this pipeline's scheduler config records its teacher as {ref!r}, not a pipeline name: pass "
+                        "--teacher PIPELINE")
     if not ref:
         raise UserError("this pipeline does not record its teacher (exported by an older stepdistill, or not a "
                         "distilled student): pass the teacher with --teacher PIPELINE")
@@ -44,8 +47,20 @@ def hybrid_schedule(num_train_timesteps: int, teacher_steps: int, student_timest
         return [int(t) for t in student_timesteps]
     n = teacher_steps + len(student_timesteps)
     if flow:
-        return [num_train_timesteps - j * num_train_timesteps // n for j in range(n)]
-    return [num_train_timesteps - 1 - j * (num_train_timesteps // n) for j in range(n)]
+        ts = [num_train_timesteps - j * num_train_timesteps // n for j in range(n)]
+    else:
+        ts = [num_train_timesteps - 1 - j * (num_train_timesteps // n) for j in range(n)]
+    if len(set(ts)) != n:
+        raise UserError(f"--teacher-steps {teacher_steps}: {n} distinct timesteps do not fit the schedule's "
+                        f"{num_train_timesteps}; use fewer teacher steps")
+    return ts
+
+
+def hybrid_timesteps(student: Any, teacher_steps: int) -> list[int]:
+    """The hybrid schedule of an exported ``student`` (its trained timesteps, its schedule's length and kind)."""
+    family = family_of(student, "student")
+    den = family.denoiser(family.network)
+    return hybrid_schedule(den.num_train_timesteps, teacher_steps, student_timesteps_of(student), den.is_flow)
 
 
 def student_timesteps_of(student: Any) -> list[int]:
@@ -102,4 +117,21 @@ def load_teacher_for(student: Any, teacher: str | None, device: Any = None) -> A
     ref = teacher or teacher_of(student)
     if not teacher and Path(ref).is_absolute() and not Path(ref).exists():
         raise UserError(f"the teacher this student records ('{ref}') is not on this machine: pass --teacher")
-    return load_pipeline(ref, device=device)
+    pipe = load_pipeline(ref, device=device)
+    check_pair(student, pipe, ref)
+    return pipe
+
+
+def check_pair(student: Any, teacher: Any, name: str) -> None:
+    """A UserError unless ``teacher`` can take the student's first steps: the same family, noise and schedule."""
+    fs, ft = family_of(student, "student"), family_of(teacher, name)
+    ds, dt = fs.denoiser(fs.network), ft.denoiser(ft.network)
+    same = (type(fs) is type(ft) and fs.noise_shape(1) == ft.noise_shape(1) and ds.is_flow == dt.is_flow
+            and ds.num_train_timesteps == dt.num_train_timesteps)
+    if not same:
+        def what(f, d) -> str:
+            return (f"{type(f.pipe).__name__} ({'flow matching' if d.is_flow else 'DDPM-type'}, "
+                    f"{d.num_train_timesteps} timesteps, noise {list(f.noise_shape(1))})")
+
+        raise UserError(f"teacher '{name}' cannot take this student's first steps: it is a {what(ft, dt)}, the "
+                        f"student a {what(fs, ds)}; pass the teacher the student was distilled from")

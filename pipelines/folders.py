@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from stepdistill.errors import UserError, first_line
+from stepdistill.inputs import read_json
 
 from .class_conditional import ClassConditionalPipeline
 
@@ -55,34 +56,49 @@ def rebuild_pipeline(base: Any, **replacements: Any) -> Any:
     return pipe
 
 
+def read_model_index(path: Path) -> dict:
+    """A pipeline folder's model_index.json, checked: its class a name, every component a [library, class] pair of
+    names (or both null: an absent component)."""
+    data = read_json(path, "pipeline index")
+    if not isinstance(data.get("_class_name"), str):
+        raise UserError(f"'{path}': field '_class_name' must be a pipeline class name, got "
+                        f"{data.get('_class_name')!r}")
+    for key, value in data.items():
+        if isinstance(value, list) and not (len(value) == 2 and all(v is None or isinstance(v, str) for v in value)):
+            raise UserError(f"'{path}': component '{key}' must be [library, class], got {value!r}")
+    return data
+
+
 def load_diffusers_pipeline(name: str, device=None, dtype=None) -> Any:
     """The diffusers pipeline folder ``name`` (alias, folder or hub id) as its own class, ours picked by
     model_index.json; any wrapper files beside it (router, guidance adapters, LoRA) are ignored."""
     path = resolve_pipeline_path(name)
     cls = DiffusionPipeline
     index = Path(path) / "model_index.json"
+    absent: dict[str, None] = {}
     if index.is_file():
-        try:
-            cls_name = json.loads(index.read_text()).get("_class_name")
-        except json.JSONDecodeError:
-            raise UserError(f"'{index}' is not valid JSON") from None
-        cls = OUR_PIPELINES.get(cls_name, DiffusionPipeline)
-    # diffusers' "Loading pipeline components" bar is noise in our commands (and would turn a one-line error into
-    # several lines); switched off for this call only, since the setting is process-wide.
+        data = read_model_index(index)
+        cls = OUR_PIPELINES.get(data["_class_name"], DiffusionPipeline)
+        # Components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None to load again.
+        absent = {k: None for k, v in data.items() if isinstance(v, list) and v == [None, None]}
+    # diffusers' "Loading pipeline components" and transformers' "Loading weights" bars are noise in our commands
+    # (and would turn a one-line error into several lines); switched off for this call only, since the settings are
+    # process-wide.
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
+    weight_bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-        # Components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None to load again.
-        if index.is_file():
-            kwargs.update({k: None for k, v in json.loads(index.read_text()).items()
-                           if isinstance(v, list) and v == [None, None]})
+        kwargs.update(absent)
         pipe = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load pipeline '{name}': {first_line(e)}") from None
     finally:
         if bars:
             diffusers_logging.enable_progress_bar()
+        if weight_bars:
+            transformers_logging.enable_progress_bar()
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stepdistill.errors import UserError, first_line
+from stepdistill.inputs import Fields, check_tensors, read_json, safetensors_header, specs
 
 from .families import Family, family_of
 from .folders import load_diffusers_pipeline
@@ -52,6 +53,8 @@ ADAPTER_DIR = "guidance_adapter"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_KINDS = ("attention", "additive")
+# Widths beyond this in an adapter config are taken for a damaged file.
+MAX_WIDTH = 65536
 # Width of each sinusoidal embedding (of w and of t) that feeds the shared embedding MLP.
 _FREQ_DIM = 64
 
@@ -288,16 +291,42 @@ class GuidanceAdapters(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> GuidanceAdapters:
+        """The adapters saved in ``folder`` (an AGD export or its ``guidance_adapter/``): the config's fields checked,
+        the module built on the meta device (no memory) and its tensors checked against the weights file's header
+        before anything is allocated."""
         folder = Path(folder)
         if (folder / ADAPTER_DIR).is_dir():
             folder = folder / ADAPTER_DIR
+        config = read_adapter_config(folder / CONFIG_FILE)
+        weights = folder / WEIGHTS_FILE
+        with torch.device("meta"):
+            want = specs(cls(config).state_dict())
+        check_tensors(safetensors_header(weights, "guidance adapter weights"), want, f"'{weights}'")
+        adapters = cls(config)
         try:
-            config = AdapterConfig(**json.loads((folder / CONFIG_FILE).read_text()))
-            adapters = cls(config)
-            adapters.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
-            raise UserError(f"'{folder}' holds no readable guidance adapter ({first_line(e)})") from None
+            adapters.load_state_dict(load_file(str(weights)))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"'{weights}' holds no readable guidance adapter ({first_line(e)})") from None
         return adapters
+
+
+def read_adapter_config(path: Path) -> AdapterConfig:
+    """An adapter_config.json, every field typed and in range (one-line UserError naming the field)."""
+    f = Fields(read_json(path, "guidance adapter config"), path)
+    w_min = f.number("w_min", 0.0)
+    layers = f.data.get("layers")
+    if not isinstance(layers, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_WIDTH for d in v) and v[0] > 0
+            for k, v in layers.items()):
+        raise UserError(f"'{path}': field 'layers' must map block names to [output channels, context channels] "
+                        f"(integers up to {MAX_WIDTH})")
+    return AdapterConfig(kind=f.str("kind", ADAPTER_KINDS), hidden=f.int("hidden", 1, MAX_WIDTH),
+                         num_tokens=f.int("num_tokens", 1, 1024),
+                         guidance_multiplier=f.number("guidance_multiplier", 1e-6),
+                         timestep_scale=f.number("timestep_scale", 1e-6), w_min=w_min, w_max=f.number("w_max", w_min),
+                         default_w=f.number("default_w"), network_class=f.str("network_class"), layers=layers,
+                         class_dim=f.int("class_dim", 0, MAX_WIDTH), teacher=f.str("teacher", default=""))
 
 
 def _key(module_name: str) -> str:

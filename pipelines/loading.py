@@ -4,13 +4,13 @@ guidance adapters)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import diffusers
 
 from stepdistill.errors import UserError
+from stepdistill.inputs import read_json
 
 from .families import family_of
 from .folders import load_diffusers_pipeline, resolve_pipeline_path
@@ -39,10 +39,11 @@ def load_lora_export(path: str, base: str | None = None, device=None, dtype=None
     pipe = family_of(load_diffusers_pipeline(base, dtype=dtype), base).load_lora(path)
     sched = Path(path) / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        cls_name = json.loads(sched.read_text()).get("_class_name", "")
-        cls = getattr(diffusers, cls_name, None)
+        cls_name = read_json(sched, "scheduler config").get("_class_name", "")
+        cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) and cls_name.endswith("Scheduler") \
+            else None
         if cls is None:
-            raise UserError(f"'{sched}' names an unknown scheduler class '{cls_name}'")
+            raise UserError(f"'{sched}' names an unknown scheduler class {cls_name!r}")
         pipe.scheduler = cls.from_pretrained(path, subfolder="scheduler")
     return pipe.to(device) if device is not None else pipe
 

@@ -24,11 +24,14 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from sklearn.cluster import KMeans
 
 from stepdistill.errors import UserError, first_line
+from stepdistill.inputs import Fields, inside, read_json
 
 from .families import family_of
 from .folders import load_diffusers_pipeline, rebuild_pipeline
 
 ROUTER_FILE = "router.json"
+# More students than this in a router file is taken for a damaged file.
+MAX_STUDENTS = 1024
 
 
 def prompt_features(cond) -> torch.Tensor:
@@ -90,10 +93,39 @@ class Router:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> Router:
-        if data.get("class_to_student") is not None:
-            return cls(int(data["num_students"]), class_to_student=[int(s) for s in data["class_to_student"]])
-        return cls(int(data["num_students"]), centroids=np.asarray(data["centroids"], dtype=np.float64))
+    def from_json(cls, data: dict, path: str | Path = ROUTER_FILE) -> Router:
+        """The router a router.json holds, every field checked (UserError naming the file and the field)."""
+        f = Fields(data, path)
+        k = f.int("num_students", 1, MAX_STUDENTS)
+        if f.str("kind", ("classes", "prompts")) == "classes":
+            owner = f.ints("class_to_student", 0, k - 1)
+            empty = [j for j in range(k) if j not in owner]
+            if empty:
+                raise UserError(f"'{path}': student {empty[0]} owns no class of 'class_to_student'")
+            return cls(k, class_to_student=owner)
+        rows = data.get("centroids")
+        if not isinstance(rows, list) or len(rows) != k or not rows:
+            raise UserError(f"'{path}': field 'centroids' must hold {k} rows, one per student")
+        centroids = [Fields({"row": r}, path).numbers("row") for r in rows]
+        if len({len(r) for r in centroids}) != 1 or not centroids[0]:
+            raise UserError(f"'{path}': the rows of 'centroids' must have one and the same non-zero length")
+        return cls(k, centroids=np.asarray(centroids, dtype=np.float64))
+
+
+def read_router(folder: str | Path) -> tuple[Router, list[str]]:
+    """(router, the students' network folders) of a multi-student export, every field of its router.json checked and
+    every folder inside the export (student 0's network is the export's own)."""
+    folder = Path(folder)
+    path = folder / ROUTER_FILE
+    info = read_json(path, "router file")
+    router = Router.from_json(info, path)
+    subfolders = info.get("subfolders")
+    if not isinstance(subfolders, list) or len(subfolders) != router.num_students:
+        raise UserError(f"'{path}': field 'subfolders' must list one folder per student ({router.num_students})")
+    for sub in subfolders:
+        if not inside(folder, sub, f"'{path}': subfolder").is_dir():
+            raise UserError(f"'{path}': student folder '{sub}' does not exist in '{folder}'")
+    return router, list(subfolders)
 
 
 def check_class_partition(parts: list[list[int]], num_classes: int, what: str) -> list[int]:
@@ -260,16 +292,15 @@ class MultiStudentPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> MultiStudentPipeline:
         path = Path(path)
-        try:
-            info = json.loads((path / ROUTER_FILE).read_text())
-            router, subfolders = Router.from_json(info), info["subfolders"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"'{path / ROUTER_FILE}' is not a readable router file ({first_line(e)})") from None
-        if len(subfolders) != router.num_students:
-            raise UserError(f"'{path / ROUTER_FILE}' lists {len(subfolders)} students for num_students "
-                            f"{router.num_students}")
+        router, subfolders = read_router(path)
         base = load_diffusers_pipeline(str(path), device=device, dtype=dtype)
-        attr = family_of(base, str(path)).network_attr
+        family = family_of(base, str(path))
+        if router.kind == "classes" and (family.classes is None
+                                         or len(router.class_to_student) != family.classes.num_classes):
+            have = "no classes" if family.classes is None else f"{family.classes.num_classes} classes"
+            raise UserError(f"'{path / ROUTER_FILE}' routes {len(router.class_to_student)} classes, but the pipeline "
+                            f"has {have}")
+        attr = family.network_attr
         net_cls = type(getattr(base, attr))
         students = [base]
         for sub in subfolders[1:]:

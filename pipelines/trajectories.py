@@ -11,6 +11,7 @@ the same arguments continues with the missing ones.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -123,14 +124,18 @@ def write_trajectories(teacher_name: str, out: str | Path, num_trajectories: int
     """
     if num_trajectories < 1 or steps < 1 or shard_size < 1 or batch_size < 1:
         raise UserError("--num, --steps, --shard-size and --batch-size must be at least 1")
-    if not 0 < w_min <= w_max:
-        raise UserError(f"the guidance range must satisfy 0 < w_min <= w_max, got [{w_min}, {w_max}]")
+    if not (math.isfinite(w_min) and math.isfinite(w_max) and 0 < w_min <= w_max):
+        raise UserError(f"the guidance range must satisfy 0 < w_min <= w_max, both finite, got [{w_min}, {w_max}]")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise UserError(f"--dtype must be float32, float16 or bfloat16, got '{dtype}'")
     out = Path(out)
     device = device or torch.device("cpu")
+    check_out_dir(out, overwrite=True)  # (a file in the way) before the teacher is loaded
     pipe = load_diffusers_pipeline(teacher_name)
-    family = family_of(pipe, teacher_name, resolution=resolution)
+    family = family_of(pipe, teacher_name)
+    if resolution is not None:
+        family.check_resolution(resolution)
+        family = family_of(pipe, teacher_name, resolution=resolution)
     if family.guidance_input is not None:
         raise UserError(f"teacher '{teacher_name}' is guidance-distilled (its CFG is an input of one pass already); "
                         "adapter guidance distillation is for teachers whose CFG takes two passes")

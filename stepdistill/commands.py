@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import textwrap
 from pathlib import Path
@@ -17,24 +18,32 @@ from .config import DataConfig, OptimConfig, RunConfig, TrainConfig, describe, l
 from .errors import UserError
 from .eval import generation as gen
 from .eval.grain import degrain
-from .eval.harness import check_request, evaluate, format_table, per_student, save_reference_stats
+from .eval.harness import check_ref_size, check_request, evaluate, format_table, per_student, save_reference_stats
 from .files import check_out_dir, prepare_out_dir
 from .images import save_grid
 from .loop import train
 from .loop.run_folder import plan_out_dir
 from .pipelines import MultiStudentPipeline, family_of, load_pipeline
 from .pipelines.average import average_pipelines
-from .pipelines.diversity import load_teacher_for
+from .pipelines.diversity import hybrid_timesteps, load_teacher_for
 from .pipelines.trajectories import write_trajectories
 from .trainers import METHODS, get_method, load_config
 
 
-def _device(name: str | None):
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def _device(name: str | None) -> torch.device:
+    """--device as asked (checked: a device torch knows and this machine has), else cuda where there is one."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device '{name}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s); use cpu")
+    if device.type not in ("cpu", "cuda") and not (hasattr(torch, "accelerator") and torch.accelerator.is_available()
+                                                   and torch.accelerator.current_accelerator().type == device.type):
+        raise UserError(f"--device '{name}': no {device.type} device on this machine; use cpu")
+    return device
 
 
 # --- train ------------------------------------------------------------------------------------------------------
@@ -115,7 +124,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _check_steps(args: argparse.Namespace) -> None:
-    """--steps N, or --timesteps T1,T2,... (then N = their number; both given must agree)."""
+    """--steps N, or --timesteps T1,T2,... (then N = their number; both given must agree); the other sampling numbers
+    in range. Before anything is loaded or written."""
+    if args.num_samples < 1:
+        raise UserError("--num-samples must be at least 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if not math.isfinite(args.guidance):
+        raise UserError(f"--guidance must be a finite number, got {args.guidance}")
+    if not math.isfinite(args.teacher_guidance):
+        raise UserError(f"--teacher-guidance must be a finite number, got {args.teacher_guidance}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.timesteps is not None:
         n = len([v for v in args.timesteps.split(",") if v.strip()])
         if args.steps is not None and args.steps != n:
@@ -136,6 +156,7 @@ def _diversity_args(args: argparse.Namespace, pipe) -> dict:
         raise UserError(f"--teacher-steps must be 1 or more, got {args.teacher_steps}")
     if args.timesteps:
         raise UserError("--teacher-steps sets the schedule itself (K teacher steps + the student's); drop --timesteps")
+    hybrid_timesteps(pipe, args.teacher_steps)  # a schedule that fits, before the teacher is loaded
     teacher = load_teacher_for(pipe, args.teacher, device=_device(args.device))
     return {"teacher": teacher, "teacher_steps": args.teacher_steps, "teacher_guidance": args.teacher_guidance}
 
@@ -209,6 +230,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pipe = gen.swap_scheduler(load_pipeline(source, device=device, base=args.base), args.scheduler)
         timesteps = gen.parse_timesteps(args.timesteps, pipe)
         family = family_of(pipe, source)
+        if {"fid", "kid", "precision", "recall"} & set(metrics):
+            check_ref_size(args.ref, family.resolution)  # before sampling
         if args.degrain and (family.kind != "class" or family.resolution != 16):
             raise UserError(f"--degrain is defined for 16x16 digits16 samples; '{source}' does not make them: "
                             "drop --degrain for other pipelines")
@@ -261,7 +284,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise UserError(f"image folder '{args.folder}' does not exist")
     if args.resolution < 1:
         raise UserError(f"--resolution must be a positive number of pixels, got {args.resolution}")
-    path = save_reference_stats(args.folder, out, args.resolution, device=_device(args.device))
+    check_out_dir(out.parent, overwrite=True)  # its folder can be made (no file in the way), before the features
+    device = _device(args.device)
+    path = save_reference_stats(args.folder, out, args.resolution, device=device)
     print(f"Inception statistics of '{args.folder}' at {args.resolution}px -> {path} (use it as --ref {path})")
     return 0
 

@@ -283,12 +283,26 @@ def run_config(data: dict, method_config: type, phase_names: tuple[str, ...] | l
     method_args = data.pop("method_args", {}) or {}
     cfg = from_dict(RunConfig, data)
     cfg.method_args = from_dict(method_config, method_args, prefix="method_args")
+    check_finite(cfg.method_args, "method_args")
     check_optim_phases(cfg, phase_names)
     # Every phase gets its optimizer section, defaults filled in, so the resolved config says what trains.
     cfg.optim = {n: cfg.optim.get(n, OptimConfig()) for n in phase_names}
     resolve_launch_settings(cfg)
     check_values(cfg)
     return cfg
+
+
+def check_finite(cfg: Any, prefix: str) -> None:
+    """A ConfigError for the first number of a config (in nested lists too) that is NaN or infinite: no method key
+    means anything by them, and a loss would only diverge on them after the run folder exists."""
+    for f in dataclasses.fields(cfg):
+        stack = [(f"{prefix}.{f.name}", getattr(cfg, f.name))]
+        while stack:
+            key, v = stack.pop()
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
+            if isinstance(v, (list, tuple)):
+                stack += [(f"{key}[{i}]", x) for i, x in enumerate(v)]
 
 
 def read_config(path: str | Path | None, overrides: list[str] | None = None, method: str | None = None) -> dict:

@@ -211,6 +211,11 @@ def dataset_prompts(dataset: Dataset) -> list[str] | None:
     return None
 
 
+def dataset_max_label(dataset: Dataset) -> int | None:
+    """The largest class label of a labelled dataset (None without labels), told without decoding an image."""
+    return int(dataset.labels.max()) if isinstance(dataset, Digits16) else None
+
+
 def dataset_has_images(dataset: Dataset) -> bool:
     """Whether a dataset's items carry images (told without decoding one)."""
     return isinstance(dataset, (Digits16, ImageFolder, HFDatasetFolder))

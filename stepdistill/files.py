@@ -40,6 +40,9 @@ def check_out_dir(path: str | Path, overwrite: bool) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"output path '{p}' exists and is not a folder")
+    blocked = next((a for a in p.absolute().parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"output folder '{p}' cannot be created: '{blocked}' is a file")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
         raise UserError(f"output folder '{p}' already exists and is not empty; pass --overwrite to replace it "
                         "or choose another --out")

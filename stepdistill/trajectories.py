@@ -33,7 +33,8 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from .conditioning import Cond
-from .errors import DataError
+from .errors import DataError, UserError
+from .inputs import Fields, check_tensors, read_json, safetensors_header
 
 HEADER_FILE = "trajectories.json"
 
@@ -70,15 +71,24 @@ class TrajectorySpec:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
+STATE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 def read_spec(folder: str | Path) -> TrajectorySpec:
-    """The header of a trajectory folder; DataError if there is none."""
+    """The header of a trajectory folder, every field typed and in range; DataError if it is missing or bad."""
     path = Path(folder) / HEADER_FILE
     try:
-        data = json.loads(path.read_text())
-        return TrajectorySpec(**{f.name: data[f.name] for f in fields(TrajectorySpec) if f.name in data})
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise DataError(f"'{folder}' is not a trajectory folder ({HEADER_FILE} unreadable: {e}); write one with "
-                        "`stepdistill trajectories`") from None
+        f = Fields(read_json(path, "trajectory header"), path)
+        w_min = f.number("w_min", 0.0)
+        return TrajectorySpec(teacher=f.str("teacher"), fingerprint=f.str("fingerprint"),
+                              network_class=f.str("network_class"), num_trajectories=f.int("num_trajectories", 1),
+                              steps=f.int("steps", 1, 10_000), w_min=w_min, w_max=f.number("w_max", w_min),
+                              shard_size=f.int("shard_size", 1), seed=f.int("seed", 0),
+                              dtype=f.str("dtype", STATE_DTYPES), resolution=f.int("resolution", 1),
+                              prompts=f.str("prompts", default=""))
+    except UserError as e:
+        raise DataError(f"'{folder}' is not a readable trajectory folder ({e}); write one with `stepdistill "
+                        "trajectories`") from None
 
 
 def is_trajectory_folder(path: str | Path) -> bool:
@@ -131,22 +141,59 @@ def shard_ok(folder: Path, spec: TrajectorySpec, k: int) -> bool:
 class TrajectoryDataset(Dataset):
     """The states of a trajectory folder as items ``{"x_t", "t", "w", "target", "cond.<field>"...}``.
 
-    Every shard is checked when the dataset is built (a missing, unfinished or foreign shard is a DataError naming
-    the first bad one); items are read from the shard files on demand (safetensors slices), never all at once.
+    Every shard is checked when the dataset is built: a missing, unfinished or foreign shard, or one whose tensors
+    (from its header: names, dtypes, shapes) do not fit the folder's header, is a DataError naming it. Items are read
+    from the shard files on demand (safetensors slices), never all at once, and a state or target that is not finite
+    is a DataError naming its shard when it is read.
     """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.spec = read_spec(self.folder)
         self.counts = []
+        self.state_shape: tuple[int, ...] | None = None
+        self.cond_specs: dict[str, tuple[str, tuple[int, ...]]] | None = None
         for k in range(self.spec.num_shards):
             if not shard_ok(self.folder, self.spec, k):
                 what = "is missing" if not (self.folder / shard_name(k)).is_file() else \
                     "does not belong to this folder's header (another run, or a damaged file)"
                 raise DataError(f"trajectory folder '{folder}': {shard_name(k)} {what}; rerun `stepdistill "
                                 "trajectories` with the arguments of its header to complete it")
+            self._check_shard(k)
             self.counts.append(len(self.spec.shard_range(k)) * self.spec.steps)
         self._files: dict[int, Any] = {}
+
+    def _check_shard(self, k: int) -> None:
+        """The shard's tensors against the header: its trajectories x steps states of one shape and dtype, the
+        per-trajectory conditioning of one layout (taken from the first shard)."""
+        path = self.folder / shard_name(k)
+        try:
+            found = safetensors_header(path, "trajectory shard")
+            n = len(self.spec.shard_range(k))
+            states = n * self.spec.steps
+            if "x_t" not in found or not found["x_t"][1] or found["x_t"][1][0] != states:
+                raise UserError(f"'{path}' holds no 'x_t' of {states} states")
+            if self.state_shape is None:
+                self.state_shape = found["x_t"][1][1:]
+                self.cond_specs = {key: (d, s[1:]) for key, (d, s) in found.items() if key.startswith("cond.")}
+            want = {"x_t": (self.spec.dtype, (states, *self.state_shape)),
+                    "target": (self.spec.dtype, (states, *self.state_shape)),
+                    "t": ("float32", (states,)), "w": ("float32", (states,)), "row": ("int64", (states,)),
+                    **{key: (d, (n, *s)) for key, (d, s) in self.cond_specs.items()}}
+            check_tensors(found, want, f"trajectory shard '{path}'")
+            labels = found.get("cond.class_labels")
+            if labels is not None and labels[0] != "int64":
+                raise UserError(f"'{path}': class labels must be int64, got {labels[0]}")
+        except UserError as e:
+            raise DataError(f"trajectory folder '{self.folder}': {e}; rerun `stepdistill trajectories` to rewrite "
+                            "it") from None
+
+    def max_class_label(self) -> int | None:
+        """The largest class label the trajectories were sampled at (None for prompts): read from the shards'
+        small per-trajectory label tensors, so a label beyond the teacher's classes is refused before training."""
+        if "cond.class_labels" not in (self.cond_specs or {}):
+            return None
+        return max(int(self._file(k).get_tensor("cond.class_labels").max()) for k in range(self.spec.num_shards))
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -166,6 +213,9 @@ class TrajectoryDataset(Dataset):
         f = self._file(k)
         item = {key: f.get_slice(key)[j:j + 1][0] for key in ("x_t", "t", "w", "target")}
         row = int(f.get_slice("row")[j:j + 1][0])
+        if not 0 <= row < len(self.spec.shard_range(k)) or not all(torch.isfinite(v).all() for v in item.values()):
+            raise DataError(f"trajectory folder '{self.folder}': state {j} of {shard_name(k)} is damaged (not finite, "
+                            "or of no trajectory of the shard); rerun `stepdistill trajectories` to rewrite it")
         for key in f.keys():
             if key.startswith("cond."):
                 item[key] = f.get_slice(key)[row:row + 1][0]

@@ -7,28 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from stepdistill.cli import main
+from _cli import refused
 
 DMD2 = ["train", "dmd2", "--config", "digits16_dmd2"]
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def _refused(argv: list[str], tmp_path: Path, capsys, match: str) -> str:
-    """Run the CLI in-process: exit 2, one line naming the problem, and tmp_path exactly as before."""
-    before = _snapshot(tmp_path)
-    dirs = sorted(str(p) for p in tmp_path.rglob("*") if p.is_dir())
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (argv, err)
-    assert len(err.splitlines()) == 1 and err.startswith("stepdistill: error: "), err
-    assert match in err, err
-    assert _snapshot(tmp_path) == before and sorted(str(p) for p in tmp_path.rglob("*") if p.is_dir()) == dirs
-    return err
+    return refused(argv, tmp_path, capsys, match)
 
 
 # --- train: the values the issue found accepted or ending in a traceback ------------------------------------------

@@ -39,12 +39,14 @@ class DataInfo:
         has_images: the items carry images.
         prompts: every prompt of the data in index order (captions, or a prompt file), or None.
         trajectories: the header of a trajectory folder, or None.
+        state_shape: the shape of one state of a trajectory folder (from its shards), or None.
     """
 
     source: str = "digits16"
     has_images: bool = True
     prompts: list[str] | None = None
     trajectories: TrajectorySpec | None = None
+    state_shape: tuple[int, ...] | None = None
 
 
 @dataclass

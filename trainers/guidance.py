@@ -78,6 +78,11 @@ class AGDMethod(Method):
             raise ConfigError(f"the trajectories in '{setup.data.source}' were sampled from teacher "
                               f"'{spec.teacher}', whose weights differ from this run's teacher "
                               f"'{setup.teacher_name}': write trajectories of this teacher, or set teacher to theirs")
+        want = tuple(self.family.noise_shape(1, spec.resolution)[1:])
+        if setup.data.state_shape is not None and tuple(setup.data.state_shape) != want:
+            raise ConfigError(f"the trajectories in '{setup.data.source}' hold states of shape "
+                              f"{list(setup.data.state_shape)}, but teacher '{setup.teacher_name}' at resolution "
+                              f"{spec.resolution} takes {list(want)}: write trajectories of this teacher")
         if not spec.w_min <= c.default_guidance <= spec.w_max:
             raise ConfigError(f"method_args.default_guidance {c.default_guidance} lies outside the trajectories' "
                               f"guidance range [{spec.w_min}, {spec.w_max}]")

@@ -28,7 +28,6 @@ every condition has one owner, a conditional fake score models each student's di
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ from torch import nn
 
 from stepdistill.batch import Batch
 from stepdistill.conditioning import Cond
-from stepdistill.errors import ConfigError, first_line
+from stepdistill.errors import ConfigError, UserError, first_line
+from stepdistill.inputs import read_json
 from stepdistill.pipelines.export import StudentSpec
 from stepdistill.pipelines.folders import resolve_pipeline_path
 from stepdistill.pipelines.multi_student import (
@@ -50,6 +50,7 @@ from stepdistill.pipelines.multi_student import (
     contiguous_partition,
     kmeans_partition,
     prompt_features,
+    read_router,
 )
 
 from . import dmd2
@@ -188,11 +189,14 @@ class MultiStudentMethod(Method):
             return [None] * c.num_students
         if not (path / ROUTER_FILE).is_file():
             return [None] * c.num_students
-        subs = json.loads((path / ROUTER_FILE).read_text()).get("subfolders", [])
+        try:
+            _, subs = read_router(path)
+        except UserError as e:
+            raise ConfigError(f"method_args.student_init: {e}") from None
         if len(subs) != c.num_students:
             raise ConfigError(f"method_args.student_init: '{c.student_init}' holds {len(subs)} students, this run "
                               f"has num_students={c.num_students}")
-        return list(subs)
+        return subs
 
     def _make_partition(self) -> tuple[Router, list[list[str]] | None, dict[str, int] | None]:
         """(router, prompts of each student, owner of each data prompt); the prompt parts are None for classes."""
@@ -201,12 +205,15 @@ class MultiStudentMethod(Method):
         given = None
         if c.partition_file:
             try:
-                given = json.loads(Path(c.partition_file).read_text())
-                if not isinstance(given, dict) or not ({"classes", "prompts"} & set(given)):
-                    raise ValueError('expected {"classes": [[...], ...]} or {"prompts": {"text": student, ...}}')
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"method_args.partition_file '{c.partition_file}' is unreadable: "
-                                  f"{first_line(e)}") from None
+                given = read_json(c.partition_file, "partition file")
+            except UserError as e:
+                raise ConfigError(f"method_args.partition_file: {e}") from None
+            if not {"classes", "prompts"} & set(given):
+                raise ConfigError(f"method_args.partition_file '{c.partition_file}': expected "
+                                  '{"classes": [[...], ...]} or {"prompts": {"text": student, ...}}')
+            if self.classes is not None and "classes" not in given:
+                raise ConfigError(f"method_args.partition_file '{c.partition_file}' gives prompts, but this teacher "
+                                  'is class-conditional: {"classes": [[0, 1, 2], ...]}')
         if self.classes is not None:
             C = self.classes.num_classes
             if K > C:

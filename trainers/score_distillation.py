@@ -87,6 +87,9 @@ def check_config(c: ScoreDistillationConfig, T: int, flow: bool) -> None:
                           f"{T} training timesteps), got {c.min_t} / {c.max_t}")
     if c.fake_updates_per_student < 1:
         raise ConfigError("method_args.fake_updates_per_student must be >= 1")
+    if c.fake_score_lora_rank < 0 or c.fake_score_lora_alpha < 0:
+        raise ConfigError(f"method_args.fake_score_lora_rank / fake_score_lora_alpha must be >= 0 (rank 0 = a full "
+                          f"fake score), got {c.fake_score_lora_rank} / {c.fake_score_lora_alpha}")
 
 
 # --- the gradient, as pure functions -------------------------------------------------------------------------------

@@ -91,6 +91,17 @@ class Family:
         """The image side the pipeline samples at by default."""
         raise NotImplementedError
 
+    def check_resolution(self, resolution: int) -> None:
+        """A UserError unless the pipeline can make images of side ``resolution``."""
+        m = self.resolution_multiple()
+        if resolution < m or resolution % m:
+            raise UserError(f"resolution {resolution}: a {type(self.pipe).__name__} makes images whose side is a "
+                            f"positive multiple of {m}")
+
+    def resolution_multiple(self) -> int:
+        """Image sides must be multiples of this (the VAE's downsampling, and any patching of the latents)."""
+        return 1
+
     # --- the network ------------------------------------------------------------------------------------------------
     def denoiser(self, model: nn.Module) -> Denoiser:
         """``model`` (the pipeline's network or a copy of it) as a Denoiser on the pipeline's schedule, called the
@@ -324,6 +335,9 @@ class LatentFamily(Family):
     def default_resolution(self) -> int:
         size = getattr(self.pipe, "default_sample_size", None) or self.network.config.sample_size
         return int(size) * self.pipe.vae_scale_factor
+
+    def resolution_multiple(self) -> int:
+        return int(self.pipe.vae_scale_factor)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {n: getattr(self.pipe, n) for n in self.frozen_names if getattr(self.pipe, n, None) is not None}

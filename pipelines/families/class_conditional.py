@@ -13,6 +13,7 @@ from diffusers import DDIMPipeline, DDPMPipeline
 from torch import nn
 
 from stepdistill.conditioning import ClassConditioning, Cond
+from stepdistill.errors import UserError
 from stepdistill.images import float_to_uint8
 
 from .. import lora as L
@@ -27,6 +28,11 @@ class PixelFamily(Family):
     def default_resolution(self) -> int:
         size = self.network.config.sample_size
         return int(size if isinstance(size, int) else size[0])
+
+    def check_resolution(self, resolution: int) -> None:
+        if resolution != self.default_resolution():
+            raise UserError(f"resolution {resolution}: a pixel-space {type(self.pipe).__name__} makes images of its "
+                            f"network's size only, {self.default_resolution()}")
 
     def noise_shape(self, n: int, resolution: int | None = None) -> tuple[int, ...]:
         cfg = self.network.config

@@ -82,6 +82,9 @@ class FluxFamily(LatentFamily):
         neg, neg_pooled, _ = self.pipe.encode_prompt(prompt=[""] * len(prompts), prompt_2=None, device=device)
         return cond, Cond(encoder_hidden_states=neg, pooled_projections=neg_pooled)
 
+    def resolution_multiple(self) -> int:
+        return 2 * int(self.pipe.vae_scale_factor)  # latents are packed 2x2 into tokens
+
     def noise_shape(self, n: int, resolution: int | None = None) -> tuple[int, ...]:
         side = 2 * ((resolution or self.resolution) // (self.pipe.vae_scale_factor * 2))
         return (n, self.network.config.in_channels // 4, side, side)

@@ -47,9 +47,9 @@ def run_agd_bench(out: str | Path, overrides: list[str] | None = None, num_sampl
     overrides = list(overrides or [])
     if any(o.split("=")[0] == "data.source" for o in overrides):
         raise UserError("bench agd writes its own trajectories: drop the data.source override")
+    traj = Path(out) / "trajectories"
+    cfg = load_config("digits16_agd", [*overrides, f"data.source={traj}"], method="agd")  # errors before --out
     out_dir = prepare_out_dir(out, overwrite)
-    traj = out_dir / "trajectories"
-    cfg = load_config("digits16_agd", [*overrides, f"data.source={traj}"], method="agd")
     w_default = cfg.method_args.default_guidance
     t0 = time.perf_counter()
     write_trajectories(cfg.teacher, traj, num_trajectories, steps=trajectory_steps, w_min=min(sweep),

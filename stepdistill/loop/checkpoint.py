@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from stepdistill.errors import UserError, first_line
+from stepdistill.inputs import Fields, check_tensors, read_json, safetensors_header, specs
 
 COMPLETE_MARKER = "COMPLETE"
 LOOP_STATE = "loop_state.json"
@@ -117,8 +118,15 @@ def remove_partial(ckpt_dir: Path) -> list[Path]:
 
 
 def read_loop_state(path: Path) -> dict[str, Any]:
-    """The ``loop_state.json`` of checkpoint folder ``path``."""
-    return json.loads((path / LOOP_STATE).read_text())
+    """The ``loop_state.json`` of checkpoint folder ``path``, its fields checked: the step its folder is named for,
+    the data position, the process count."""
+    f = Fields(read_json(path / LOOP_STATE, "loop state"), path / LOOP_STATE)
+    m = _STEP_DIR.match(path.name)
+    step = f.int("step", 0)
+    if m is None or step != int(m.group(1)):
+        raise UserError(f"'{path / LOOP_STATE}': field 'step' is {step}, but the checkpoint is '{path.name}'")
+    return {**f.data, "step": step, "batches_consumed": f.int("batches_consumed", 0),
+            "world_size": f.int("world_size", 1, default=1)}
 
 
 def _delete(path: Path) -> None:
@@ -203,13 +211,10 @@ def load_trained(method: torch.nn.Module, folder: Path, frozen: set[str],
     path = Path(folder) / MODEL_FILE
     if not path.is_file():
         raise UserError(f"'{path}' is missing")
+    # Names, dtypes and shapes against the method's own, from the header, before a byte of weights is read.
+    expected = specs({k: v for k, v in method.state_dict().items() if k not in frozen})
+    check_tensors(safetensors_header(path, "checkpoint weights"), expected, "its weights")
     state = load_file(str(path))
-    expected = method.state_dict()
-    missing = [k for k in expected if k not in state and k not in frozen]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise UserError(f"its weights do not fit this method (missing {', '.join(missing[:3]) or 'none'}; "
-                        f"unexpected {', '.join(unexpected[:3]) or 'none'})")
     (load or (lambda sd: method.load_state_dict(sd, strict=False)))(state)
 
 
@@ -227,6 +232,8 @@ def load_ema(ema: Any, folder: Path) -> None:
     path = folder / EMA_FILE
     if not path.is_file():
         raise UserError(f"it holds no {EMA_FILE} although the run keeps an EMA")
+    want = specs({f"shadow.{i}": t for i, t in enumerate(ema.shadow_params)})
+    check_tensors(safetensors_header(path, "EMA weights"), want, "its EMA")
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {})["ema"])
         shadow = [f.get_tensor(f"shadow.{i}") for i in range(len(f.keys()))]

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stepdistill.config import DataConfig, RunConfig
-from stepdistill.data import PromptFile, build_dataset, dataset_has_images, dataset_prompts
+from stepdistill.data import PromptFile, build_dataset, dataset_has_images, dataset_max_label, dataset_prompts
 from stepdistill.denoiser import Denoiser
 from stepdistill.errors import ConfigError, UserError
 from stepdistill.pipelines import family_of
@@ -28,11 +28,23 @@ def open_dataset(dc: DataConfig) -> Dataset:
 
 def data_info(dataset: Dataset, source: str) -> DataInfo:
     """What a method may know of the data: whether its items carry images, its prompts, a trajectory header."""
-    spec = dataset.spec if isinstance(dataset, TrajectoryDataset) else None
+    traj = dataset if isinstance(dataset, TrajectoryDataset) else None
     prompts = dataset_prompts(dataset)
-    if spec is not None and spec.prompts and Path(spec.prompts).is_file():
-        prompts = PromptFile(spec.prompts).prompts
-    return DataInfo(source=source, has_images=dataset_has_images(dataset), prompts=prompts, trajectories=spec)
+    if traj is not None and traj.spec.prompts and Path(traj.spec.prompts).is_file():
+        prompts = PromptFile(traj.spec.prompts).prompts
+    return DataInfo(source=source, has_images=dataset_has_images(dataset), prompts=prompts,
+                    trajectories=traj.spec if traj else None, state_shape=traj.state_shape if traj else None)
+
+
+def check_labels(dataset: Dataset, family: Family, source: str) -> None:
+    """A ConfigError when the data's class labels go beyond the teacher's classes (told before training: the digits'
+    labels array, or the trajectory shards' small label tensors)."""
+    if family.classes is None:
+        return
+    top = dataset.max_class_label() if isinstance(dataset, TrajectoryDataset) else dataset_max_label(dataset)
+    if top is not None and top >= family.classes.num_classes:
+        raise ConfigError(f"data labels of '{source}' go up to {top} but the teacher has {family.classes.num_classes} "
+                          "classes: use a matching data.source")
 
 
 def load_teacher(cfg: RunConfig, who: str) -> tuple[Family, Denoiser]:
@@ -76,6 +88,8 @@ def build_method(cfg: RunConfig, world: World | None = None, dataset: Dataset | 
     method_cls = get_method(cfg.method)
     dataset = dataset if dataset is not None else open_dataset(cfg.data)
     family, teacher = load_teacher(cfg, cfg.method) if method_cls.needs_teacher else (None, None)
+    if family is not None:
+        check_labels(dataset, family, cfg.data.source)
     setup = Setup(family=family, teacher=teacher, teacher_name=cfg.teacher, world=world or World(),
                   data=data_info(dataset, cfg.data.source), max_steps=cfg.train.max_steps)
     method = method_cls(setup, cfg.method_args)

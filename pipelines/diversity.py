@@ -20,6 +20,7 @@ import torch
 
 from stepdistill.errors import UserError
 
+from .export import recorded_student_timesteps
 from .families import family_of
 from .loading import load_pipeline
 
@@ -65,11 +66,11 @@ def hybrid_timesteps(student: Any, teacher_steps: int) -> list[int]:
 
 def student_timesteps_of(student: Any) -> list[int]:
     """The trained timesteps an exported student records; a UserError for a pipeline that records none."""
-    recorded = student.scheduler.config.get("student_timesteps") or []
+    recorded = recorded_student_timesteps(student)
     if not recorded:
         raise UserError("diversity distillation needs a distilled student (its scheduler records "
                         "student_timesteps); this pipeline has none")
-    return [int(t) for t in recorded]
+    return recorded
 
 
 @torch.no_grad()

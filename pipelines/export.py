@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from stepdistill.inputs import Fields
+
 from .families import Family
 from .folders import load_diffusers_pipeline, rebuild_pipeline
 from .guidance import AdapterGuidancePipeline, GuidanceAdapters
@@ -182,6 +184,26 @@ def accepts_timesteps(pipe: Any) -> bool:
     return all("timesteps" in inspect.signature(fn).parameters for fn in (pipe.__call__, pipe.scheduler.set_timesteps))
 
 
+def _schedules(pipe: Any, many: str, one: str, numbers: bool) -> list[list]:
+    """The recorded ``many`` (a list of schedules) and ``one`` (a schedule) of an export's scheduler config, every
+    entry a timestep in [0, T] (or with ``numbers`` a noise level in [0, 1]); a UserError naming the key otherwise."""
+    cfg = dict(pipe.scheduler.config)
+    top = int(cfg.get("num_train_timesteps", 1000))
+    named = [(f"{many}[{i}]", ts) for i, ts in enumerate(cfg.get(many) or [])]
+    if cfg.get(one):
+        named.append((one, cfg[one]))
+    out = []
+    for key, ts in named:
+        f = Fields({key: ts}, "scheduler/scheduler_config.json")
+        out.append(f.numbers(key, 0.0, 1.0) if numbers else f.ints(key, 0, top))
+    return out
+
+
+def recorded_student_timesteps(pipe: Any) -> list[int]:
+    """The trained timesteps an export records (``student_timesteps``; [] for a pipeline that records none)."""
+    return next(iter(_schedules(pipe, "", "student_timesteps", numbers=False)), [])
+
+
 def recorded_timesteps(pipe: Any, steps: int) -> list[int] | None:
     """The schedule a distilled student records for ``steps``-step sampling, or None (the scheduler's own rule).
 
@@ -191,10 +213,9 @@ def recorded_timesteps(pipe: Any, steps: int) -> list[int] | None:
     """
     if not accepts_timesteps(pipe):
         return None
-    cfg = pipe.scheduler.config
-    for ts in [*(cfg.get("sample_timesteps") or []), cfg.get("student_timesteps") or []]:
+    for ts in _schedules(pipe, "sample_timesteps", "student_timesteps", numbers=False):
         if len(ts) == steps:
-            return [int(t) for t in ts]
+            return ts
     return None
 
 
@@ -206,8 +227,7 @@ def recorded_schedule(pipe: Any, steps: int) -> dict:
     if ts is not None:
         return {"timesteps": ts}
     if "sigmas" in inspect.signature(pipe.__call__).parameters:
-        cfg = pipe.scheduler.config
-        for sig in [*(cfg.get("sample_sigmas") or []), cfg.get("student_sigmas") or []]:
+        for sig in _schedules(pipe, "sample_sigmas", "student_sigmas", numbers=True):
             if len(sig) == steps:
-                return {"sigmas": [float(v) for v in sig]}
+                return {"sigmas": sig}
     return {}

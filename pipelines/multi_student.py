@@ -303,7 +303,13 @@ class MultiStudentPipeline:
         attr = family.network_attr
         net_cls = type(getattr(base, attr))
         students = [base]
+        arch = {k: v for k, v in getattr(base, attr).config.items() if not k.startswith("_")}
         for sub in subfolders[1:]:
+            # Every student has student 0's architecture (the method builds them alike): a config that differs is
+            # refused before a module is built from it.
+            theirs = read_json(path / sub / "config.json", "student network config")
+            if {k: v for k, v in theirs.items() if not k.startswith("_")} != arch:
+                raise UserError(f"'{path / sub / 'config.json'}' describes another network than student 0's")
             try:
                 net = net_cls.from_pretrained(str(path / sub), **({"torch_dtype": dtype} if dtype else {}))
             except (OSError, ValueError) as e:

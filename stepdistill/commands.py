@@ -23,7 +23,7 @@ from .files import check_out_dir, prepare_out_dir
 from .images import save_grid
 from .loop import train
 from .loop.run_folder import plan_out_dir
-from .pipelines import MultiStudentPipeline, family_of, load_pipeline
+from .pipelines import MultiStudentPipeline, family_of, load_pipeline, recorded_schedule
 from .pipelines.average import average_pipelines
 from .pipelines.diversity import hybrid_timesteps, load_teacher_for
 from .pipelines.trajectories import write_trajectories
@@ -168,6 +168,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe = gen.swap_scheduler(load_pipeline(args.pipeline, device=_device(args.device), base=args.base),
                               args.scheduler)
     timesteps = gen.parse_timesteps(args.timesteps, pipe)
+    recorded_schedule(pipe, args.steps)  # the export's recorded schedules checked before anything is written
     hybrid = _diversity_args(args, pipe)
     out = prepare_out_dir(args.out, args.overwrite)
     res = gen.generate(pipe, args.num_samples, args.steps, args.guidance, args.seed, args.batch_size, prompts=prompts,
@@ -229,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = gen.read_prompts(args.prompts)
         pipe = gen.swap_scheduler(load_pipeline(source, device=device, base=args.base), args.scheduler)
         timesteps = gen.parse_timesteps(args.timesteps, pipe)
+        recorded_schedule(pipe, args.steps)  # the export's recorded schedules checked before anything is written
         family = family_of(pipe, source)
         if {"fid", "kid", "precision", "recall"} & set(metrics):
             check_ref_size(args.ref, family.resolution)  # before sampling

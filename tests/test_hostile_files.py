@@ -92,6 +92,11 @@ def test_router_of_more_students_than_classes_is_refused(work, capsys):
     refused(_sample(work / "msd", work / "out"), work, capsys, "student 2 owns no class")
 
 
+def test_student_of_another_architecture_is_refused(work, capsys):
+    _edit_json(work / "msd" / "student_1" / "config.json", block_out_channels=[4096, 4096])
+    refused(_sample(work / "msd", work / "out"), work, capsys, "describes another network than student 0's")
+
+
 def test_oversized_adapter_config_is_refused_before_any_memory_is_taken(work):
     """A 2 KB edit (hidden 12000) used to build an 11 GB module before failing: the module is now built on the meta
     device and checked against the weights file's header first. Measured in a fresh process."""
@@ -131,9 +136,15 @@ def test_tampered_model_index_and_teacher_record_are_refused(work, made, capsys)
     _edit_json(index, unet=["diffusers", "UNet2DModel", "extra"])
     refused(_sample(work / "student", work / "out"), work, capsys, "component 'unet' must be [library, class]")
     index.write_text(good)
-    _edit_json(work / "student" / "scheduler" / "scheduler_config.json", distilled_from=["a", "b"])
+    sched = work / "student" / "scheduler" / "scheduler_config.json"
+    good = sched.read_text()
+    _edit_json(sched, distilled_from=["a", "b"])
     refused(_sample(work / "student", work / "out", "--teacher-steps", "1"), work, capsys,
             "records its teacher as ['a', 'b']")
+    sched.write_text(good)
+    _edit_json(sched, student_timesteps=["999"])
+    refused(_sample(work / "student", work / "out"), work, capsys,
+            "field 'student_timesteps' must be a list of integers in [0, 1000]")
 
 
 # --- run folders ----------------------------------------------------------------------------------------------------
@@ -147,6 +158,7 @@ def run_with_checkpoints(tmp_path_factory, made) -> tuple[Path, list[str]]:
 
 
 @pytest.mark.parametrize("tamper, why", [
+    ("moment", "optimizer 0's 'exp_avg' of a parameter of shape"),
     ("int32", "tensor 'student.model.conv_in.weight' is int32"),
     ("shape", "tensor 'student.model.conv_in.weight' is float32 [1]"),
     ("step six", "field 'step' must be an integer >= 0, got 'six'"),
@@ -158,7 +170,12 @@ def test_tampered_checkpoint_is_skipped_for_the_previous_one(run_with_checkpoint
     run = tmp_path / "run"
     shutil.copytree(src, run)
     last = run / "checkpoints" / "step-4"
-    if tamper in ("int32", "shape"):
+    if tamper == "moment":  # an AdamW moment of the wrong shape (the file is a weights-only pickle of tensors)
+        opt = torch.load(last / "optimizer.bin", weights_only=True)
+        first = next(iter(opt["state"]))
+        opt["state"][first]["exp_avg"] = opt["state"][first]["exp_avg"].flatten()[:3]
+        torch.save(opt, last / "optimizer.bin")
+    elif tamper in ("int32", "shape"):
         state = load_file(str(last / "model.safetensors"))
         w = state["student.model.conv_in.weight"]
         state["student.model.conv_in.weight"] = w.to(torch.int32) if tamper == "int32" else w.flatten()[:1]

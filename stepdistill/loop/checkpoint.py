@@ -218,6 +218,18 @@ def load_trained(method: torch.nn.Module, folder: Path, frozen: set[str],
     (load or (lambda sd: method.load_state_dict(sd, strict=False)))(state)
 
 
+def check_optimizer_states(optimizers: list) -> None:
+    """A UserError when a loaded optimizer holds a moment whose shape or dtype is not its parameter's (a tampered
+    optimizer file loads without complaint and would fail, or train wrongly, at the next step)."""
+    for i, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, v in opt.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.ndim and (v.shape != p.shape or v.dtype != p.dtype):
+                        raise UserError(f"optimizer {i}'s '{key}' of a parameter of shape {list(p.shape)} is "
+                                        f"{v.dtype} {list(v.shape)}")
+
+
 def save_ema(ema: Any, folder: Path, shadow: list[torch.Tensor] | None = None) -> None:
     """The EMA's shadow weights (or ``shadow``, those gathered in full by a sharded run) as safetensors, its
     counters as JSON metadata of the same file."""

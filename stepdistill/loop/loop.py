@@ -449,6 +449,7 @@ def resume_run(accelerator: Accelerator, method: Method, optimizers: list, ema: 
     """Load the newest loadable checkpoint; (its step, batches consumed, folder) or (0, 0, None) without one."""
     def load_extra(folder: Path) -> None:
         ckpt.load_trained(method, folder, frozen, (lambda s: sharding.load_full_state(method, s)) if sharded else None)
+        ckpt.check_optimizer_states(optimizers)
         if sharded:
             sharding.load_optimizers(method, optimizers, folder)
             if ema is not None:  # loaded in full: cut into this process's shards of the parameters

@@ -22,10 +22,12 @@ from stepdistill.pipelines.export import export_student, sample_grid
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def save_class_teacher(out: Path, channels: tuple[int, int] = (8, 16), attention: bool = False) -> str:
+def save_class_teacher(out: Path, channels: tuple[int, int] = (8, 16), attention: bool = False,
+                       flow: bool = False) -> str:
     """Save a tiny class-conditional v-prediction teacher (10 classes + null, 16x16x1) to ``out``; seed 0. With
-    ``attention`` its second level has self-attention blocks (as the digits16 teacher has)."""
-    from diffusers import DDIMScheduler, UNet2DModel
+    ``attention`` its second level has self-attention blocks (as the digits16 teacher has); with ``flow`` it is a
+    flow-matching teacher (FlowMatchEulerDiscreteScheduler, as the digits16 flow teacher)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
     torch.manual_seed(0)
     down, up = ("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"), \
@@ -33,8 +35,9 @@ def save_class_teacher(out: Path, channels: tuple[int, int] = (8, 16), attention
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=channels, layers_per_block=1,
                        down_block_types=down, up_block_types=up,
                        norm_num_groups=4, attention_head_dim=8, num_class_embeds=11)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                          clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0) if flow else DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     ClassConditionalPipeline(unet=unet, scheduler=sched).save_pretrained(str(out), safe_serialization=True)
     return str(out)
 

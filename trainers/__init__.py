@@ -17,6 +17,8 @@ METHODS: dict[str, str] = {
     "vsd": "stepdistill.trainers.vsd:VSDMethod",
     "msd": "stepdistill.trainers.multi_student:MultiStudentMethod",
     "agd": "stepdistill.trainers.guidance:AGDMethod",
+    "scm": "stepdistill.trainers.scm:SCMMethod",
+    "rcm": "stepdistill.trainers.rcm:RCMMethod",
 }
 
 

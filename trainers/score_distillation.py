@@ -253,6 +253,7 @@ def export_scheduler(family: Family, teacher: Denoiser, timesteps: list[int], te
     it with fresh noise, as backward simulation trained it).
     """
     ts = [int(t) for t in timesteps]
+    T = teacher.num_train_timesteps
     config = family.pipe.scheduler.config
     if teacher.is_flow:
         sched = FlowMatchEulerDiscreteScheduler.from_config(config, shift=1.0, use_dynamic_shifting=False,
@@ -270,6 +271,11 @@ def export_scheduler(family: Family, teacher: Denoiser, timesteps: list[int], te
         if sched.timesteps.tolist() == ts:
             sched.register_to_config(original_inference_steps=n)
             break
+    else:
+        if any((t + 1) % (T // 50) for t in ts):
+            # Off LCMScheduler's default 50-point grid: a grid of every timestep, so that `timesteps=` schedules
+            # (the recorded ones) are taken without its "not on the original schedule" warning.
+            sched.register_to_config(original_inference_steps=T)
     sched.register_to_config(student_timesteps=ts, distilled_from=teacher_reference(teacher_name))
     return sched
 

@@ -17,7 +17,7 @@ from .errors import UserError
 from .eval.metric_names import METRICS
 
 # Benchmarks (`stepdistill bench WHICH`), for the parser's help.
-BENCHES = ("real", "teacher", "dmd2", "consistency", "vsd", "msd", "agd", "memory")
+BENCHES = ("real", "teacher", "dmd2", "consistency", "vsd", "scm", "msd", "agd", "memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "digits16_multiphase.yaml), evaluate the students against the teacher at equal N, "
                                    "write report.md, metrics.json, grids and loss plots.")
     b.add_argument("which", help="benchmark: real (the metrics' floor: real digits at the same N), teacher, dmd2, "
-                                 "consistency (LCM, LCM-LoRA and multiphase), vsd (beside a DMD2 student), msd "
+                                 "consistency (LCM, LCM-LoRA and multiphase), vsd (beside a DMD2 student), scm (sCM "
+                                 "beside rCM, DMD2 and LCM at 1, 2, 4 steps, and the training-step cost of each), msd "
                                  "(4 students vs one DMD2 student, smaller students, parallel training), agd "
                                  "(adapter guidance vs CFG at equal steps, a sweep over w) or memory "
                                  "(peak memory of one DMD2 and one LCM step with float32 vs bfloat16 frozen parts)")

@@ -301,9 +301,16 @@ DISTILL_BENCHES = {
     "consistency": ("consistency", [("lcm", "digits16_lcm"), ("lcm-lora", "digits16_lcm_lora"),
                                     ("multiphase", "digits16_multiphase")], [1, 2, 4]),
     "vsd": ("vsd", [("vsd student", "digits16_vsd")], None),
+    "scm": ("scm", [("scm", "digits16_scm")], [1, 2, 4]),
 }
 # Rows of another method trained beside a benchmark's own for comparison (kept when --config replaces the latter).
-COMPARISON_ROWS = {"vsd": [("dmd2 student", "digits16_dmd2")]}
+COMPARISON_ROWS = {"vsd": [("dmd2 student", "digits16_dmd2")],
+                   "scm": [("rcm", "digits16_rcm"), ("dmd2", "digits16_dmd2"), ("lcm", "digits16_lcm")]}
+# Benchmarks whose report ends with the training-step cost of their recipes, measured side by side (bench.step_cost):
+# (label, recipe, overrides), the first the reference of the ratios.
+STEP_COST_ROWS = {"scm": [("lcm", "digits16_lcm", []), ("scm", "digits16_scm", []),
+                          ("scm, exact JVP", "digits16_scm", ["method_args.jvp=exact"]),
+                          ("rcm", "digits16_rcm", []), ("dmd2", "digits16_dmd2", [])]}
 # Teacher step counts of diversity-distillation rows (the teacher's first K steps, then the student).
 DIVERSITY_ROWS = {"vsd": (1, 2)}
 
@@ -363,5 +370,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                   overwrite=args.overwrite, device=device, student_steps=steps,
                                   teacher_steps=bench.teacher_step_counts(steps),
                                   comparisons=COMPARISON_ROWS.get(args.which, []),
-                                  diversity_steps=DIVERSITY_ROWS.get(args.which, ()))
+                                  diversity_steps=DIVERSITY_ROWS.get(args.which, ()),
+                                  step_costs=STEP_COST_ROWS.get(args.which, []))
     return 0

@@ -105,6 +105,31 @@ def test_vsd_report_trains_dmd2_beside_it(tiny_teacher, tmp_path):
     assert "stepdistill train dmd2 --config digits16_dmd2" in report
 
 
+def test_scm_report_rows_and_step_cost(tiny_teacher, tmp_path):
+    """`bench scm`: sCM at 1 and 2 steps beside rCM (its own method) and the training-step cost of the recipes
+    measured side by side, each phase weighted by how often it runs."""
+    overrides = [f"teacher={tiny_teacher}", "train.max_steps=2", "train.tracker=none", "train.log_every=1",
+                 "train.checkpoint_every=0", "train.sample_every=0", "data.batch_size=4"]
+    rows = bench.run_distillation_report(
+        "scm", [("scm", "digits16_scm")], tmp_path / "r", overrides, num_samples=10, student_steps=[1, 2],
+        teacher_steps=(2, 1), metrics=["accuracy"], comparisons=[("rcm", "digits16_rcm")],
+        step_costs=[("lcm", "digits16_lcm", []), ("scm", "digits16_scm", []),
+                    ("rcm, fake score every step", "digits16_rcm", ["method_args.fake_updates_per_student=1"])])
+    assert [r["name"] for r in rows] == ["teacher 50-step CFG", "teacher 2-step", "teacher 1-step", "scm 1-step",
+                                         "scm 2-step", "rcm 1-step", "rcm 2-step"]
+    assert rows[4]["nfe"] == 2 and len(rows[4]["timesteps"]) == 2
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    costs = {c["name"]: c for c in m["step_costs"]}
+    assert costs["lcm"]["ratio"] == 1.0 and costs["scm"]["seconds"] > 0
+    assert costs["scm"]["phases"] == "student every 1"
+    assert costs["rcm, fake score every step"]["phases"] == "student every 1, fake_score every 1"
+    # rCM's step is sCM's student loss plus DMD's student and fake-score losses: it must cost more.
+    assert costs["rcm, fake score every step"]["seconds"] > costs["scm"]["seconds"]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Training-step cost" in report and "| rcm, fake score every step | student every 1, fake_score" in report
+    assert "scm 2-step vs rcm 2-step: train time" in report
+
+
 def test_memory_bench_counts_trainable_state_of_vsd_and_dmd2():
     """One step of each score-distillation row on the shipped digits16 teacher: VSD holds one trainable network
     plus adapters, DMD2 with a full fake score two; AdamW keeps two moments per trainable float."""

@@ -134,6 +134,45 @@ def test_exact_and_finite_difference_jvp_agree(name, teachers):
     assert rel.max() < 0.02, rel
 
 
+def test_finite_difference_between_given_neighbours_is_the_derivative_along_the_ode():
+    """With neighbours (not symmetric about t), the difference is still cos t sin t dF/dt along the ODE, to first
+    order: on F(x, t) = x^2 sin(t), dF/dt = 2 x dxdt sin t + x^2 cos t."""
+    torch.manual_seed(0)
+    x, dxdt = torch.randn(3, 4), torch.randn(3, 4)
+    t = torch.tensor([0.3, 0.8, 1.2], dtype=torch.float64)
+    below, above = t - 1e-4, t + 3e-4
+    got = time_derivative(lambda xx, tt: (xx**2 * torch.sin(tt)[:, None]).float(), x, t, dxdt, "finite_difference",
+                          neighbours=(below, above))
+    ts = t[:, None]
+    want = torch.cos(ts) * torch.sin(ts) * (2 * x * dxdt * torch.sin(ts) + x**2 * torch.cos(ts))
+    torch.testing.assert_close(got, want.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["class_v", "class_flow"])
+def test_fd_timesteps_asks_the_networks_at_integer_timesteps_only(name, teachers, monkeypatch):
+    """fd_timesteps: the student and the teacher are called at integer timesteps only, the difference at +-m."""
+    method = build_method(load_config("digits16_scm", run_overrides(
+        teachers[name], "method_args.jvp=finite_difference", "method_args.fd_timesteps=3")))
+    seen = []
+    for tf in (method.scm.nets(method.teacher).student, method.scm.nets(method.teacher).teacher):
+        real = tf.net.raw
+
+        def spy(x, t, *a, _real=real, **k):
+            seen.append(torch.as_tensor(t, dtype=torch.float64).flatten())
+            return _real(x, t, *a, **k)
+        monkeypatch.setattr(tf.net, "raw", spy)
+    images = torch.rand(6, 1, 16, 16) * 2 - 1
+    raw = {"image": images, "label": torch.arange(6)}
+    phase = method.phases()[0]
+    method.loss("student", method.family.batch(raw, cond=phase.cond, real=phase.real, device=method.device), 50)
+    teacher, student, above, below = seen  # in the loss's order
+    for ts in seen:
+        torch.testing.assert_close(ts, ts.round(), rtol=0, atol=1e-3)  # float32 timesteps of integers
+    assert torch.equal(teacher, student)
+    assert torch.equal(above.round() - student.round(), torch.full_like(student, 3.0))
+    assert torch.equal(student.round() - below.round(), torch.full_like(student, 3.0))
+
+
 def test_tangent_is_cos_t_times_the_consistency_functions_derivative(teachers):
     """sCM's tangent (r = 1), built from F^-, the teacher's dx/dt and the JVP of F, equals cos(t) d/dt of the student's
     consistency function along the teacher's ODE, where the consistency function is the student's x0 = x - s u at
@@ -291,6 +330,7 @@ def test_exports_load_in_the_stock_pipelines(name, recipe, lora, teachers, tmp_p
     ("digits16_scm", ["method_args.sample_times=[[1.1,1.2]]", "method_args.sample_steps=3"], "strictly decreasing"),
     ("digits16_scm", ["method_args.sample_steps=3"], "one of them for sample_steps=3"),
     ("digits16_scm", ["method_args.sigma_d=0"], "sigma_d"),
+    ("digits16_scm", ["method_args.jvp=exact", "method_args.fd_timesteps=2"], "only with jvp: finite_difference"),
     ("digits16_rcm", ["method_args.lora_rank=2", "method_args.fake_score_lora_rank=2"], "share the teacher"),
     ("digits16_rcm", ["method_args.gan_weight_critic=0.01"], "no GAN or regression term"),
     ("digits16_rcm", ["method_args.dmd_weight=0", "method_args.scm_weight=0"], "not both 0"),

@@ -101,3 +101,33 @@ def test_what_cannot_be_sharded_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="method 'consistency' cannot be sharded"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    cfg = load_config("digits16_scm", ["train.sharding=fsdp2", "method_args.jvp=exact", "train.tracker=none"])
+    with pytest.raises(ConfigError, match="method_args.jvp=finite_difference"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_rcm_fsdp2_equals_ddp(sd_dir, captioned, tmp_path):
+    """rCM (sCM's finite-difference time derivative, the log-variance head, a full fake score, a 2-step student whose
+    DMD term draws its backward-simulation step count on each process) sharded over two processes reaches the losses
+    and weights of the same run under DDP."""
+    extra = ["optim.student.lr=0.001", "optim.fake_score.lr=0.001", "method_args.jvp=finite_difference",
+             "method_args.fd_step=0.01", "method_args.tangent_warmup=2", "method_args.fake_updates_per_student=1",
+             "train.checkpoint_every=0", "train.ema_decay=0.9", "method_args.sample_steps=2"]
+    runs = {}
+    for name, shard in (("ddp", []), ("fsdp", ["train.sharding=fsdp2"])):
+        runs[name] = tmp_path / name
+        over = [o for o in _overrides(sd_dir, captioned, *extra, *shard) if "gan_weight" not in o]
+        res = train_two_processes("configs/digits16_rcm.yaml", runs[name], over)
+        assert res.returncode == 0, res.stderr[-4000:]
+    a, b = _losses(runs["ddp"]), _losses(runs["fsdp"])
+    assert len(a) == 4 and "student/scm_mse" in a[0] and "fake_score/denoise_loss" in a[0]
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
+    from diffusers import UNet2DConditionModel
+
+    ua, ub = (UNet2DConditionModel.from_pretrained(str(r / "pipeline"), subfolder="unet") for r in runs.values())
+    for (n, p), q in zip(ua.named_parameters(), ub.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)

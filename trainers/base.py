@@ -116,6 +116,9 @@ class Method(nn.Module):
     # only, and nothing may read a trainable network's weights directly (a consistency target copied from the
     # student's weights does).
     shardable: ClassVar[bool] = False
+    # Why not, for the error (its end names the fix).
+    not_shardable_because: ClassVar[str] = ("it reads its trainable weights outside the networks' forward; use "
+                                            "train.sharding=none")
     # Why the method needs real images, for the error when the data has none ("" = it asks for them only through a
     # phase's ``real``; then the phase's name is given).
     images_needed_for: ClassVar[str] = ""

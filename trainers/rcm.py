@@ -76,6 +76,8 @@ class RCMMethod(Method):
     Config = RCMConfig
     phase_names = ("student", "fake_score")
     images_needed_for = SCMMethod.images_needed_for
+    not_shardable_because = SCMMethod.not_shardable_because
+    shardable = SCMMethod.shardable
     stage_changes = SCMMethod.stage_changes + ("dmd_weight", "scm_weight", "dmd_start", "real_guidance",
                                                "real_guidance_interval", "min_t", "max_t", "timestep_sampling")
 

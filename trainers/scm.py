@@ -92,8 +92,17 @@ class SCMConfig:
     # Relative step of the finite difference: the time moves by fd_step * t (at least 1e-6) either way. FastGen uses
     # 1e-3 for EDM networks (time input ln(sigma) / 4); diffusers networks take the teacher's timestep in [0, 1000]
     # through sinusoidal embeddings of up to one radian per timestep, and 1e-3 spans ~1 timestep at t ~ 1.4, where
-    # the difference then misses the derivative by ~50% on the tiny test networks; 1e-4 stays within 1%.
+    # the difference then misses the derivative by ~50% on the tiny test networks; 1e-4 stays within 1%. A network
+    # trained only at integer timesteps (the digits16 teachers) is not smooth between them: there the derivative of
+    # the trend, a step over several timesteps (0.05), trains far better than 1e-4 or the exact JVP
+    # (docs/results/scm_digits16.md).
     fd_step: float = 1e-4
+    # Integer-timestep finite difference (with jvp: finite_difference): > 0 snaps every training time to the nearest
+    # integer timestep of the teacher and takes the difference between the timesteps fd_timesteps below and above it
+    # (fd_step is then unused). For networks trained only at integer timesteps (DDPM-family teachers: SD1.x/2.x,
+    # SDXL, the digits16 UNet), whose outputs between integers were never trained; 0 = continuous times. On
+    # digits16 it did worse than a wider continuous difference (docs/results/scm_digits16.md).
+    fd_timesteps: int = 0
     # LoRA student of this rank on the teacher network (adapters off = the teacher); 0 = a full trainable copy.
     lora_rank: int = 0
     # LoRA alpha (scale alpha / rank); 0 = the rank (scale 1).
@@ -116,6 +125,8 @@ def check_scm_config(c: SCMConfig) -> None:
         raise ConfigError("method_args.sigma_d, teacher_guidance and p_std must be > 0 (teacher_guidance 1 = no CFG)")
     if c.tangent_warmup < 0 or not c.tangent_norm_c > 0 or not 0 < c.fd_step < 0.5:
         raise ConfigError("method_args.tangent_warmup must be >= 0, tangent_norm_c > 0 and fd_step in (0, 0.5)")
+    if c.fd_timesteps < 0 or (c.fd_timesteps > 0 and c.jvp != "finite_difference"):
+        raise ConfigError("method_args.fd_timesteps must be >= 0, and > 0 only with jvp: finite_difference")
     if c.jvp not in JVP_MODES:
         raise ConfigError(f"method_args.jvp must be one of {', '.join(JVP_MODES)}, got {c.jvp!r}")
     if c.lora_rank < 0 or c.lora_alpha < 0:
@@ -180,13 +191,15 @@ def forward_mode_ad() -> Iterator[None]:
 
 def time_derivative(F_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor,
                     dxdt: torch.Tensor, mode: str, fd_step: float = 1e-4,
-                    bounds: tuple[float, float] = (0.0, math.pi / 2)) -> torch.Tensor:
+                    bounds: tuple[float, float] = (0.0, math.pi / 2),
+                    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``cos(t) sin(t) dF/dt`` of ``F_fn(x, t)`` along the ODE (x moving at ``dxdt``), without gradient.
 
     "exact": one JVP with tangents ``(cos t sin t dxdt, cos t sin t)`` (sCM's scaling, which keeps it finite at both
     ends); attention runs in the math kernel, which forward-mode AD supports. "finite_difference": the central
     difference ``(F(x + d dxdt, t + d) - F(x - d dxdt, t - d)) / 2d`` with ``d = max(fd_step t, 1e-6)`` per sample,
-    kept inside ``bounds`` (the times the networks can be asked about), times ``cos t sin t``.
+    kept inside ``bounds`` (the times the networks can be asked about), times ``cos t sin t``; with ``neighbours``
+    (times below and above t), the difference between those instead.
     """
     cs = torch.cos(t) * torch.sin(t)
     csx = cs.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
@@ -195,10 +208,13 @@ def time_derivative(F_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
             with forward_mode_ad():
                 _, out = torch.func.jvp(F_fn, (x, t), (csx * dxdt, cs))
             return out.detach()
-        d = torch.minimum(torch.clamp(fd_step * t, min=1e-6), torch.minimum(t - bounds[0], bounds[1] - t))
-        dx = d.to(x.dtype).reshape_as(csx) * dxdt
-        diff = F_fn(x + dx, t + d) - F_fn(x - dx, t - d)
-        return csx * diff / (2 * d.to(x.dtype).reshape_as(csx))
+        if neighbours is None:
+            d = torch.minimum(torch.clamp(fd_step * t, min=1e-6), torch.minimum(t - bounds[0], bounds[1] - t))
+            neighbours = (t - d, t + d)
+        below, above = neighbours
+        up, down = ((a - b).to(x.dtype).reshape_as(csx) for a, b in ((above, t), (t, below)))
+        diff = F_fn(x + up * dxdt, above) - F_fn(x - down * dxdt, below)
+        return csx * diff / (up + down)
 
 
 def tangent(F_minus: torch.Tensor, dxdt: torch.Tensor, dF: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -230,6 +246,14 @@ def scm_loss(c: SCMConfig, nets: SCMNets, x0: torch.Tensor, cond: Cond, uncond: 
     # difference has neighbours on both sides).
     lo, hi = tf_t.time_range()
     t = draw_times(n, c.p_mean, c.p_std, sd, lo + 1e-3, hi - 1e-3, x0.device)
+    neighbours = None
+    if c.fd_timesteps:  # snapped to the teacher's integer timesteps, the difference over +-fd_timesteps of them
+        m = c.fd_timesteps
+        first = math.ceil(float(tf_t.timestep(torch.tensor([lo + 1e-3], dtype=torch.float64))[0]))
+        last = math.floor(float(tf_t.timestep(torch.tensor([hi - 1e-3], dtype=torch.float64))[0]))
+        k = tf_t.timestep(t).round().clamp(first + m, last - m)
+        t, below, above = (tf_t.time(j).to(x0.device) for j in (k, k - m, k + m))
+        neighbours = (below, above)
     # 2. x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2).
     x_t = tf_t.noise(x0, sd * torch.randn_like(x0), t)
     # 3. The teacher's PF-ODE velocity dx_t/dt = sigma_d F_teacher, with CFG.
@@ -240,7 +264,8 @@ def scm_loss(c: SCMConfig, nets: SCMNets, x0: torch.Tensor, cond: Cond, uncond: 
     F_theta = tf_s.velocity(x_t, t, cond)
     F_minus = F_theta.detach()
     # 5. cos t sin t dF^-/dt along the ODE.
-    dF = time_derivative(lambda x, tt: tf_s.velocity(x, tt, cond), x_t, t, dxdt, c.jvp, c.fd_step, (lo, hi))
+    dF = time_derivative(lambda x, tt: tf_s.velocity(x, tt, cond), x_t, t, dxdt, c.jvp, c.fd_step, (lo, hi),
+                         neighbours)
     # 6. The tangent (times cos t), warmed up and normalised per sample.
     r = 1.0 if c.tangent_warmup == 0 else min(1.0, step / c.tangent_warmup)
     g = tangent(F_minus, dxdt, dF, x_t, t, sd, r)
@@ -378,6 +403,15 @@ class SCMMethod(Method):
     def teacher(self) -> Denoiser:
         """The teacher Denoiser (with a LoRA student: the same network, called with adapters off)."""
         return self.scm.student if self.scm.lora else self.frozen_teacher
+
+    # FSDP2 gathers a sharded network's weights in hooks around its forward; forward-mode AD through those hooks
+    # does not work, the finite difference is three plain forward passes.
+    not_shardable_because = ("the exact JVP (forward-mode AD) does not pass FSDP2's hooks; set "
+                             "method_args.jvp=finite_difference, or train.sharding=none")
+
+    @property
+    def shardable(self) -> bool:  # type: ignore[override]
+        return self.cfg.jvp == "finite_difference"
 
     def phases(self) -> list[Phase]:
         return [Phase("student", self.scm.params(), real=True)]

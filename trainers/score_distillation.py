@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from stepdistill.conditioning import Cond
 from stepdistill.denoiser import Denoiser
@@ -218,16 +219,25 @@ class ScoreContext:
         """
         ts = self.student_timesteps
         device = next(student.model.parameters()).device
+        run = steps
         if steps is None:
-            steps = int(torch.randint(0, len(ts), ()).item()) if len(ts) > 1 else 0
+            steps = run = int(torch.randint(0, len(ts), ()).item()) if len(ts) > 1 else 0
+            if isinstance(student.model, FSDPModule):
+                # Every call of a sharded network gathers its shards from all processes, so all must call it
+                # equally often whatever each drew: a sharded student runs the whole prefix and keeps its state at
+                # the drawn step (the same noise draws as unsharded, so a sharded run equals the DDP run).
+                run = len(ts) - 1
         x = torch.randn(self.noise_shape(n), device=device) if noise is None else noise
+        kept = x
         with torch.no_grad():
-            for i in range(steps):
+            for i in range(run):
                 x0 = student(x, ts[i], cond, "x0")
+                if i >= steps:  # past the drawn step (a sharded student): the output is not used, draw no noise
+                    continue
                 t_next = torch.full((n,), ts[i + 1], device=x.device, dtype=torch.long)
-                x = student.add_noise(x0, torch.randn_like(x0), t_next)
+                x = kept = student.add_noise(x0, torch.randn_like(x0), t_next)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return student(x, ts[steps], cond, "x0")
+            return student(kept, ts[steps], cond, "x0")
 
 
 def fake_denoising_loss(fake: Denoiser, x0: torch.Tensor, t: torch.Tensor, cond: Cond, features: bool = False):

@@ -24,6 +24,8 @@ from stepdistill.loop import train
 from stepdistill.pipelines import AdapterGuidancePipeline, load_pipeline
 from stepdistill.trainers import load_config
 
+from .step_cost import step_cost, step_cost_table
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
@@ -209,12 +211,14 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
                             device=None, seed: int = 0, student_steps: list[int] | None = None,
                             teacher_steps: tuple[int, ...] = (4, 1), metrics: list[str] = METRICS,
                             comparisons: list[tuple[str, str]] | None = None,
-                            diversity_steps: tuple[int, ...] = ()) -> list[dict]:
+                            diversity_steps: tuple[int, ...] = (),
+                            step_costs: list[tuple[str, str, list[str]]] | None = None) -> list[dict]:
     """The main job: distill the teacher with each ``(label, config)``, then evaluate every student against the
     teacher at equal N, side by side. ``comparisons`` are ``(label, config)`` rows of other methods (each config
     names its method), trained and evaluated the same way; each row reports its training wall time.
     ``diversity_steps``: extra rows of the method's own students sampled with diversity distillation (the teacher
-    takes the first K steps at CFG ``TEACHER_GUIDANCE``), one per K.
+    takes the first K steps at CFG ``TEACHER_GUIDANCE``), one per K. ``step_costs``: ``(label, recipe, overrides)``
+    whose training-step cost :func:`~.step_cost.step_cost` measures side by side after the rows (ratios to the first).
 
     Students are sampled at their trained timesteps, or at each of ``student_steps`` (LCM-type schedulers).
     Writes ``out/<label>/`` (each training run), ``out/report.md``, ``out/metrics.json``, per-row grids, a
@@ -277,6 +281,10 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
                         parts.append(f"{key} {_cell(a, key)} vs {_cell(b, key)}{ratio}")
                 goals.append(f"- {a['name']} vs {b['name']}: " + ", ".join(parts))
     schedules = "; ".join(f"{r['name']} {r['timesteps'] or 'scheduler rule'}" for r in rows[1 + len(teacher_steps):])
+    costs = step_cost(step_costs, overrides) if step_costs else []
+    cost_notes = ("\n\nTraining-step cost (every phase's loss and backward on one batch of the recipe's size, each "
+                  "phase weighted by how often it runs, no optimizer update; median of 5 interleaved repeats, "
+                  "ratio to the first row):\n\n" + step_cost_table(costs)) if costs else ""
     trained = "; ".join(f"{label}: `stepdistill train {c.method} --config {path}` ({c.train.max_steps} steps, "
                         f"{train_seconds[label] / 60:.1f} min)" for label, path, c in cfgs)
     notes = (f"Teacher `{cfgs[0][2].teacher}`. Students: {trained}"
@@ -287,12 +295,12 @@ def run_distillation_report(method: str, configs: list[tuple[str, str]], out: st
              f"teacher's 50-step CFG row, measured in this run. Total wall time {wall / 60:.1f} min. Student "
              f"timesteps: {schedules}.\n\n"
              "Students vs the teacher's 50-step CFG row (and vs the comparison rows):\n" + "\n".join(goals)
-             + "\n\nFiles: `grids_side_by_side.png`, "
+             + cost_notes + "\n\nFiles: `grids_side_by_side.png`, "
              "`grid_*.png`, `losses_*.png`, one training run folder per student (its `pipeline/` is the student).")
     table = _write(out_dir, f"digits16: {method} students vs their teacher", rows, notes,
                    {"num_samples": num_samples, "seed": seed, "teacher": cfgs[0][2].teacher,
                     "configs": [p for _, p, _ in cfgs], "overrides": overrides or [],
-                    "train_seconds": train_seconds, "wall_seconds": wall})
+                    "train_seconds": train_seconds, "wall_seconds": wall, "step_costs": costs})
     print(table)
     print("\n".join(goals))
     print(f"-> {out_dir / 'report.md'}")

@@ -356,8 +356,8 @@ def check_method(method: Method, cfg: RunConfig, dataset: Any) -> None:
 
 def check_shardable(method: Method, cfg: RunConfig) -> None:
     if not method.shardable:
-        raise ConfigError(f"train.sharding=fsdp2: method '{cfg.method}' cannot be sharded yet (it reads its "
-                          "trainable weights outside the networks' forward); use train.sharding=none")
+        raise ConfigError(f"train.sharding=fsdp2: method '{cfg.method}' cannot be sharded: "
+                          f"{method.not_shardable_because}")
     if cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.sharding=fsdp2 with train.mixed_precision=fp16 needs a sharded gradient "
                           "scaler, which stepdistill lacks; use bf16")

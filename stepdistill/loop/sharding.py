@@ -6,10 +6,10 @@ therefore shards through this module on every device: the same code path runs in
 
 What is sharded: every outermost diffusers network of the method that holds trainable parameters (the student, a
 full fake score, a network carrying LoRA adapters), one FSDP unit per block of its ``ModuleList`` s (UNet down/up
-blocks, transformer blocks) and one for the rest of it; then every other child of the method that holds trainable
-parameters (e.g. DMD2's GAN head). Parameters, gradients and AdamW states of those are split over the processes;
-frozen networks that carry no trainable parameter (the teacher, VAE, text encoders) stay replicated, as under DDP,
-and can be made smaller with ``train.teacher_dtype``.
+blocks, transformer blocks) and one for the rest of it; then every other module of the method whose trainable
+parameters are all outside those networks (e.g. DMD2's GAN head, sCM's log-variance head). Parameters, gradients and
+AdamW states of those are split over the processes; frozen networks that carry no trainable parameter (the teacher,
+VAE, text encoders) stay replicated, as under DDP, and can be made smaller with ``train.teacher_dtype``.
 
 Checkpoints hold the same ``model.safetensors`` as unsharded runs (the trained tensors in full, gathered on the
 main process), plus each phase's optimizer state in full as ``sharded_optimizer_<i>.safetensors`` (tensors) with
@@ -59,10 +59,22 @@ def shard_units(method: nn.Module) -> list[tuple[str, nn.Module]]:
             units.append((name, m))
             covered |= {id(p) for p in m.parameters()}
             inside |= {id(x) for x in m.modules()}
-    for name, child in method.named_children():
-        if any(p.requires_grad and id(p) not in covered for p in child.parameters()):
-            units.append((name, child))
-            covered |= {id(p) for p in child.parameters()}
+
+    def rest(module: nn.Module, prefix: str) -> None:
+        # A child whose trainable parameters are all outside the networks is a unit of its own (DMD2's GAN head); a
+        # child that also holds a network (sCM's student with its log-variance head) is searched further down.
+        for name, child in module.named_children():
+            trainable = [p for p in child.parameters() if p.requires_grad]
+            loose = [p for p in trainable if id(p) not in covered]
+            if not loose:
+                continue
+            if len(loose) == len(trainable) and not any(id(x) in inside for x in child.modules()):
+                units.append((prefix + name, child))
+                covered.update(id(p) for p in child.parameters())
+            else:
+                rest(child, f"{prefix}{name}.")
+
+    rest(method, "")
     return units
 
 

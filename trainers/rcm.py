@@ -134,6 +134,6 @@ class RCMMethod(Method):
     def export_spec(self) -> StudentSpec:
         c = self.cfg
         trained = (f"rCM (sCM x{c.scm_weight} + DMD x{c.dmd_weight}, {'LoRA' if self.lora_fake else 'full'} fake "
-                   f"score, {c.jvp} JVP)")
+                   "score)")
         guidance = f"the teacher's guidance w={c.teacher_guidance} (sCM) / {c.real_guidance} (DMD)"
         return self.scm.spec(self.name, "rCM", trained, guidance, self.teacher, self.teacher_name)

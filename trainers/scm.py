@@ -92,9 +92,9 @@ class SCMConfig:
     # Relative step of the finite difference: the time moves by fd_step * t (at least 1e-6) either way. FastGen uses
     # 1e-3 for EDM networks (time input ln(sigma) / 4); diffusers networks take the teacher's timestep in [0, 1000]
     # through sinusoidal embeddings of up to one radian per timestep, and 1e-3 spans ~1 timestep at t ~ 1.4, where
-    # the difference then misses the derivative by ~50% on the tiny test networks; 1e-4 stays within 1%. A network
-    # trained only at integer timesteps (the digits16 teachers) is not smooth between them: there the derivative of
-    # the trend, a step over several timesteps (0.05), trains far better than 1e-4 or the exact JVP
+    # the difference then misses the derivative by ~50% on the tiny test networks; 1e-4 stays within 1%. The digits16
+    # teacher's output wiggles over a few timesteps at the middle noise levels (its local derivative is 2.6x the
+    # trend's at t = 1.1): there a step over several timesteps (0.05) trains far better than 1e-4 or the exact JVP
     # (docs/results/scm_digits16.md).
     fd_step: float = 1e-4
     # Integer-timestep finite difference (with jvp: finite_difference): > 0 snaps every training time to the nearest
@@ -362,9 +362,11 @@ class TrigFlowStudent(nn.Module):
             # float32 like every exported student, whatever dtype the frozen base weights are kept in.
             network = fuse_lora(copy.deepcopy(network)).float()
         T = teacher.num_train_timesteps
+        derivative = ("exact (JVP)" if c.jvp == "exact" else f"finite difference over +-{c.fd_timesteps} timesteps"
+                      if c.fd_timesteps else f"finite difference over +-{c.fd_step:g} t")
         settings = (f"Settings: sigma_d {c.sigma_d}, proposal ln(sigma_d tan t) ~ N({c.p_mean}, {c.p_std}^2), "
-                    f"tangent warm-up {c.tangent_warmup} steps, JVP {c.jvp}; recorded samplers (teacher timesteps): "
-                    f"{self.schedules}.")
+                    f"tangent warm-up {c.tangent_warmup} steps, time derivative {derivative}; recorded samplers "
+                    f"(teacher timesteps): {self.schedules}.")
         spec = score_student_spec(method, title, trained, guidance, self.family, teacher, teacher_name, [network],
                                   self.timesteps(), list(c.sample_prompts), lora=lora, card_lines=[settings])
         spec.scheduler.register_to_config(sample_timesteps=self.schedules)
@@ -426,5 +428,5 @@ class SCMMethod(Method):
 
     def export_spec(self) -> StudentSpec:
         c = self.cfg
-        return self.scm.spec(self.name, "sCM", f"sCM (continuous-time consistency distillation, {c.jvp} JVP)",
+        return self.scm.spec(self.name, "sCM", "sCM (continuous-time consistency distillation)",
                              f"the teacher's guidance w={c.teacher_guidance}", self.teacher, self.teacher_name)

@@ -331,6 +331,7 @@ def test_exports_load_in_the_stock_pipelines(name, recipe, lora, teachers, tmp_p
     ("digits16_scm", ["method_args.sample_steps=3"], "one of them for sample_steps=3"),
     ("digits16_scm", ["method_args.sigma_d=0"], "sigma_d"),
     ("digits16_scm", ["method_args.jvp=exact", "method_args.fd_timesteps=2"], "only with jvp: finite_difference"),
+    ("digits16_scm", ["method_args.fd_timesteps=250"], "fewer than a quarter"),
     ("digits16_rcm", ["method_args.lora_rank=2", "method_args.fake_score_lora_rank=2"], "share the teacher"),
     ("digits16_rcm", ["method_args.gan_weight_critic=0.01"], "no GAN or regression term"),
     ("digits16_rcm", ["method_args.dmd_weight=0", "method_args.scm_weight=0"], "not both 0"),

@@ -313,6 +313,9 @@ class TrigFlowStudent(nn.Module):
     def __init__(self, family: Family, teacher: Denoiser, c: SCMConfig):
         super().__init__()
         check_scm_config(c)
+        if 4 * c.fd_timesteps >= teacher.num_train_timesteps:
+            raise ConfigError(f"method_args.fd_timesteps={c.fd_timesteps} leaves no room in the teacher's "
+                              f"{teacher.num_train_timesteps} timesteps: use fewer than a quarter of them")
         self.family = family
         self.c = c
         self.lora = c.lora_rank > 0
